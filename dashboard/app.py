@@ -1,0 +1,31 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
+
+from dashboard import api, pages
+from ingest.db import get_engine
+from ingest.settings import Settings, get_settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.require_safe_for_serving()
+    app = FastAPI(
+        title="StorePulse",
+        version="1.0",
+        description="Store sales monitoring: event ingest (contract v1), POS counter flow, dashboards.",
+    )
+    app.state.settings = settings
+    app.state.engine = engine or get_engine(settings.effective_database_url)
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

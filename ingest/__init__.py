@@ -1,0 +1,1 @@
+"""The event store: settings, database, schema, event contract, batch writer and MQTT worker."""

@@ -1,0 +1,252 @@
+"""Schema of the event store: master data, events (hypertables on TimescaleDB) and dead letters.
+
+Every event table is keyed on (event_id, occurred_at): TimescaleDB requires the partitioning
+column in every unique index, and the pair makes a redelivered event a no-op.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ingest.types import JsonDoc, Money, Quantity, UtcDateTime
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# --- master data -------------------------------------------------------------------------
+
+
+class Region(Base):
+    __tablename__ = "regions"
+    region_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name_zh: Mapped[str] = mapped_column(String(100))
+    name_en: Mapped[str] = mapped_column(String(100))
+
+
+class Store(Base):
+    __tablename__ = "stores"
+    store_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    region_id: Mapped[str] = mapped_column(ForeignKey("regions.region_id"), index=True)
+    name_zh: Mapped[str] = mapped_column(String(100))
+    name_en: Mapped[str] = mapped_column(String(100))
+    city: Mapped[str | None] = mapped_column(String(100))
+    timezone: Mapped[str] = mapped_column(String(64), default="Asia/Shanghai")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Terminal(Base):
+    __tablename__ = "terminals"
+    store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), primary_key=True)
+    terminal_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+
+
+class Sensor(Base):
+    __tablename__ = "sensors"
+    store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), primary_key=True)
+    sensor_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    location: Mapped[str | None] = mapped_column(String(100))
+
+
+class Sku(Base):
+    __tablename__ = "skus"
+    sku: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name_zh: Mapped[str] = mapped_column(String(200))
+    name_en: Mapped[str] = mapped_column(String(200))
+    category: Mapped[str] = mapped_column(String(64), index=True)
+    atc_code: Mapped[str | None] = mapped_column(String(16))
+    unit_price: Mapped[Decimal | None] = mapped_column(Money)
+    is_rx: Mapped[bool] = mapped_column(Boolean, default=False)
+    flow_controlled: Mapped[bool] = mapped_column(Boolean, default=False)
+    prompt_triggering: Mapped[bool] = mapped_column(Boolean, default=False)
+    insurance_eligible: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Staff(Base):
+    __tablename__ = "staff"
+    staff_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(32))
+
+
+class Member(Base):
+    __tablename__ = "members"
+    member_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    home_store_id: Mapped[str | None] = mapped_column(ForeignKey("stores.store_id"))
+    phone_last4: Mapped[str | None] = mapped_column(String(4))
+
+
+class DeviceToken(Base):
+    __tablename__ = "device_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_prefix: Mapped[str] = mapped_column(String(12))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+class Receipt(Base):
+    __tablename__ = "receipts"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    terminal_id: Mapped[str] = mapped_column(String(32))
+    receipt_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    staff_id: Mapped[str | None] = mapped_column(String(32))
+    member_id: Mapped[str | None] = mapped_column(String(32))
+    consultation_id: Mapped[str | None] = mapped_column(String(64))
+    total: Mapped[Decimal] = mapped_column(Money)
+    line_count: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    __table_args__ = (
+        Index("ix_receipts_store_time", "store_id", "occurred_at"),
+        Index("ix_receipts_store_receipt", "store_id", "receipt_id"),
+        Index("ix_receipts_consultation", "consultation_id"),
+    )
+
+
+class ReceiptLine(Base):
+    __tablename__ = "receipt_lines"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    receipt_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    sku: Mapped[str] = mapped_column(String(64))
+    qty: Mapped[Decimal] = mapped_column(Quantity)
+    unit_price: Mapped[Decimal] = mapped_column(Money)
+    amount: Mapped[Decimal] = mapped_column(Money)
+    promotion_id: Mapped[str | None] = mapped_column(String(64))
+    __table_args__ = (
+        Index("ix_receipt_lines_store_time", "store_id", "occurred_at"),
+        Index("ix_receipt_lines_store_sku_time", "store_id", "sku", "occurred_at"),
+    )
+
+
+class ConsultationStep(Base):
+    __tablename__ = "consultation_steps"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    terminal_id: Mapped[str] = mapped_column(String(32))
+    consultation_id: Mapped[str] = mapped_column(String(64))
+    staff_id: Mapped[str | None] = mapped_column(String(32))
+    member_id: Mapped[str | None] = mapped_column(String(32))
+    customer_name: Mapped[str | None] = mapped_column(String(100))
+    step: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    skip_reason: Mapped[str | None] = mapped_column(String(200))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    __table_args__ = (
+        Index("ix_consultation_steps_store_time", "store_id", "occurred_at"),
+        Index("ix_consultation_steps_consultation", "consultation_id", "occurred_at"),
+    )
+
+
+class PromptAnswer(Base):
+    __tablename__ = "prompt_answers"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    terminal_id: Mapped[str] = mapped_column(String(32))
+    receipt_id: Mapped[str] = mapped_column(String(64))
+    sku: Mapped[str] = mapped_column(String(64))
+    prompt_id: Mapped[str] = mapped_column(String(64))
+    answer: Mapped[str] = mapped_column(String(200))
+    staff_id: Mapped[str | None] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    __table_args__ = (Index("ix_prompt_answers_store_time", "store_id", "occurred_at"),)
+
+
+class Footfall(Base):
+    __tablename__ = "footfall"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    sensor_id: Mapped[str] = mapped_column(String(32))
+    period_seconds: Mapped[int] = mapped_column(Integer)
+    count_in: Mapped[int] = mapped_column(Integer)
+    count_out: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    __table_args__ = (Index("ix_footfall_store_time", "store_id", "occurred_at"),)
+
+
+class StockSnapshot(Base):
+    __tablename__ = "stock_snapshots"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    sku: Mapped[str] = mapped_column(String(64))
+    on_hand: Mapped[Decimal] = mapped_column(Quantity)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    __table_args__ = (Index("ix_stock_snapshots_store_sku_time", "store_id", "sku", "occurred_at"),)
+
+
+class StockLot(Base):
+    __tablename__ = "stock_lots"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lot: Mapped[str] = mapped_column(String(64), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(32))
+    sku: Mapped[str] = mapped_column(String(64))
+    qty: Mapped[Decimal] = mapped_column(Quantity)
+    expires_on: Mapped[date] = mapped_column(Date)
+    __table_args__ = (Index("ix_stock_lots_store_sku_time", "store_id", "sku", "occurred_at"),)
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=func.now(), index=True)
+    source: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    raw_payload: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str | None] = mapped_column(String(200))
+    store_id: Mapped[str | None] = mapped_column(String(200))
+
+
+EVENT_TABLES: tuple[str, ...] = (
+    "receipts",
+    "receipt_lines",
+    "consultation_steps",
+    "prompt_answers",
+    "footfall",
+    "stock_snapshots",
+    "stock_lots",
+)

@@ -1,0 +1,153 @@
+"""Ingest services: validate payloads, store accepted events, dead-letter the rest.
+
+The HTTP API, the MQTT worker, the simulator and the importers all call `ingest_payloads`
+with a session from `ingest.db.session_scope`; none of them commits on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from ingest.contract import ContractError, Event, parse_event
+from ingest.models import DeadLetter, Store
+from ingest.writers import BatchRefused, get_writer
+
+log = logging.getLogger(__name__)
+
+Status = Literal["accepted", "duplicate", "rejected"]
+
+
+@dataclass(frozen=True)
+class EventResult:
+    event_id: str | None
+    status: Status
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "status": self.status, "error": self.error}
+
+
+def _raw_text(payload: Any) -> str:
+    try:
+        return json.dumps(payload, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(payload)
+
+
+def _text_field(payload: Any, name: str) -> str | None:
+    value = payload.get(name) if isinstance(payload, dict) else None
+    return str(value)[:200] if value is not None else None
+
+
+def dead_letter(
+    *, session: Session, source: str, reason: str, raw_payload: str, event_id: str | None = None,
+    store_id: str | None = None, received_at: datetime | None = None,
+) -> None:
+    session.execute(
+        insert(DeadLetter),
+        [{
+            "received_at": received_at or datetime.now(UTC),
+            "source": source[:200],
+            "reason": reason,
+            "raw_payload": raw_payload,
+            "event_id": event_id,
+            "store_id": store_id,
+        }],
+    )
+
+
+def known_store_ids(*, session: Session) -> set[str]:
+    return set(session.scalars(select(Store.store_id)))
+
+
+def ingest_payloads(
+    payloads: Sequence[Any],
+    *,
+    session: Session,
+    source: str,
+    topic_store_id: str | None = None,
+    allowed_store_id: str | None = None,
+    now: datetime | None = None,
+) -> list[EventResult]:
+    """Validate and store a batch of decoded JSON events; one result per payload, in order.
+
+    ``topic_store_id`` is the store named by the MQTT topic, ``allowed_store_id`` the store of
+    the HTTP device token: an event for any other store is rejected.
+    Transient database errors propagate so the caller can retry the whole batch.
+    """
+    received_at = datetime.now(UTC)
+    stores = known_store_ids(session=session)
+    results: list[EventResult | None] = [None] * len(payloads)
+    valid_positions: list[int] = []
+    valid_events: list[Event] = []
+    valid_raws: list[dict[str, Any]] = []
+    rejected: list[tuple[int, str]] = []
+
+    for position, payload in enumerate(payloads):
+        try:
+            event = parse_event(payload, now=now)
+            if event.store_id not in stores:
+                raise ContractError(f"store_id: unknown store {event.store_id!r}")
+            if topic_store_id is not None and event.store_id != topic_store_id:
+                raise ContractError(
+                    f"store_id: payload store {event.store_id!r} does not match topic store {topic_store_id!r}"
+                )
+            if allowed_store_id is not None and event.store_id != allowed_store_id:
+                raise ContractError(
+                    f"store_id: this device token publishes for store {allowed_store_id!r} only"
+                )
+        except ContractError as exc:
+            rejected.append((position, str(exc)))
+            continue
+        valid_positions.append(position)
+        valid_events.append(event)
+        valid_raws.append(payload)
+
+    if valid_events:
+        for position, status, error in _write(valid_events, valid_raws, valid_positions, session, received_at):
+            if error is not None:
+                rejected.append((position, error))
+            else:
+                results[position] = EventResult(_text_field(payloads[position], "event_id"), status)
+
+    for position, reason in rejected:
+        payload = payloads[position]
+        dead_letter(
+            session=session, source=source, reason=reason, raw_payload=_raw_text(payload),
+            event_id=_text_field(payload, "event_id"), store_id=_text_field(payload, "store_id"),
+            received_at=received_at,
+        )
+        results[position] = EventResult(_text_field(payload, "event_id"), "rejected", reason)
+    return [result for result in results if result is not None]
+
+
+def _write(
+    events: list[Event], raws: list[dict[str, Any]], positions: list[int], session: Session,
+    received_at: datetime,
+) -> list[tuple[int, Status, str | None]]:
+    writer = get_writer(session.get_bind().dialect.name)
+    try:
+        with session.begin_nested():
+            statuses = writer.write(events, raws, session=session, received_at=received_at)
+        return [(p, s, None) for p, s in zip(positions, statuses, strict=True)]
+    except BatchRefused as exc:
+        # A value the contract let through but the database refuses: find the culprit
+        # event by event instead of losing the batch.
+        log.warning("batch of %d refused by the database (%s); retrying event by event", len(events), exc)
+    outcome: list[tuple[int, Status, str | None]] = []
+    for event, raw, position in zip(events, raws, positions, strict=True):
+        try:
+            with session.begin_nested():
+                (status,) = writer.write([event], [raw], session=session, received_at=received_at)
+            outcome.append((position, status, None))
+        except BatchRefused as exc:
+            outcome.append((position, "rejected", f"database: {exc}"))
+    return outcome

@@ -1,0 +1,73 @@
+"""The one settings object of StorePulse, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "change-me-dev-only"
+
+
+class InsecureSettingsError(RuntimeError):
+    """Raised when a non-dev deployment would run with unsafe settings."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOREPULSE_", env_file=".env", extra="ignore")
+
+    env: Literal["dev", "test", "prod"] = "dev"
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite under var_dir")
+    var_dir: Path = Path("./var")
+    mqtt_url: str | None = None
+    mqtt_topic_prefix: str = "storepulse/v1"
+    mqtt_client_id: str = "storepulse-ingest"
+    mqtt_shared_group: str | None = None
+    mqtt_session_expiry_s: int = 7 * 24 * 3600
+    mqtt_receive_maximum: int = 1000
+    ingest_batch_size: int = 2000
+    ingest_batch_ms: int = 200
+    secret_key: str = PLACEHOLDER_SECRET
+    timezone: str = "Asia/Shanghai"
+    max_future_skew_s: int = 600
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("mqtt_topic_prefix")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.strip("/")
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'storepulse.db').as_posix()}"
+
+    @property
+    def chain_tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def require_safe_for_serving(self) -> None:
+        """Refuse to serve anything outside dev/test while the secret is the shipped placeholder."""
+        if self.env == "prod" and (self.secret_key == PLACEHOLDER_SECRET or len(self.secret_key) < 16):
+            raise InsecureSettingsError(
+                "STOREPULSE_SECRET_KEY is the placeholder or shorter than 16 characters; "
+                "set a real secret before running with STOREPULSE_ENV=prod"
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The `storepulse` command: a thin layer over the ingest, store_rules and dashboard packages."""

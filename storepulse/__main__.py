@@ -1,0 +1,3 @@
+from storepulse.cli import main
+
+main()

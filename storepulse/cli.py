@@ -1,0 +1,170 @@
+"""Command line: `storepulse --help`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ingest.db import get_engine, session_scope
+from ingest.settings import get_settings
+
+app = typer.Typer(help="StorePulse: store sales monitoring for pharmacy chains.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+masterdata_app = typer.Typer(help="Master data (regions, stores, terminals, sensors, SKUs, staff, members).",
+                             no_args_is_help=True)
+token_app = typer.Typer(help="Device tokens for tills and counters.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(masterdata_app, name="masterdata")
+app.add_typer(token_app, name="device-token")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Create or migrate the schema (hypertables on TimescaleDB)."""
+    from ingest.migrate import upgrade
+
+    _logging()
+    upgrade(revision=revision)
+    typer.echo(f"database at {revision}: {get_settings().effective_database_url.split('@')[-1]}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = "-1") -> None:
+    """Step the schema back."""
+    from ingest.migrate import downgrade
+
+    downgrade(revision=revision)
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision."""
+    from ingest.migrate import current
+
+    current()
+
+
+@masterdata_app.command("import")
+def masterdata_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    kind: Annotated[str | None, typer.Option(help="regions, stores, terminals, sensors, skus, staff or members")] = None,
+    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="write the good rows anyway")] = False,
+) -> None:
+    """Import a CSV or XLSX file; a file with bad rows writes nothing unless --skip-bad-rows."""
+    from ingest.masterdata import MasterDataError, import_file
+
+    try:
+        with session_scope() as session:
+            reports = import_file(file, session=session, kind=kind, skip_bad_rows=skip_bad_rows)
+    except MasterDataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    failed = False
+    for report in reports:
+        for error in report.errors:
+            typer.echo(f"{report.source} [{report.kind}] {error}", err=True)
+        if report.written:
+            typer.echo(
+                f"{report.source} [{report.kind}]: {report.rows} rows, {report.inserted} inserted, "
+                f"{report.updated} updated, {len(report.errors)} skipped"
+            )
+        else:
+            failed = True
+            typer.echo(f"{report.source} [{report.kind}]: {len(report.errors)} error(s), nothing written", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@token_app.command("create")
+def token_create(
+    store: Annotated[str, typer.Option("--store", help="store id, e.g. S001")],
+    name: Annotated[str | None, typer.Option("--name", help="device name, e.g. till-1")] = None,
+) -> None:
+    """Create a token; it is printed once and only its hash is kept."""
+    from ingest.tokens import TokenError, create_token
+
+    try:
+        with session_scope() as session:
+            issued = create_token(session=session, store_id=store, name=name)
+    except TokenError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"token id {issued.id} for store {issued.store_id} ({issued.name}); it is shown only once:")
+    typer.echo(issued.token)
+
+
+@token_app.command("list")
+def token_list(store: Annotated[str | None, typer.Option("--store")] = None) -> None:
+    """List tokens (never the tokens themselves)."""
+    from ingest.tokens import list_tokens
+
+    with session_scope() as session:
+        rows = list_tokens(session=session, store_id=store)
+        typer.echo(f"{'id':>4}  {'store':<8} {'name':<20} {'prefix':<12} {'created':<20} {'last used':<20} status")
+        for row in rows:
+            typer.echo(
+                f"{row.id:>4}  {row.store_id:<8} {row.name:<20} {row.token_prefix + '…':<12} "
+                f"{row.created_at:%Y-%m-%d %H:%M:%S}  "
+                f"{row.last_used_at.strftime('%Y-%m-%d %H:%M:%S') if row.last_used_at else '-':<20} "
+                f"{'revoked' if row.revoked_at else 'active'}"
+            )
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke a token by id; devices using it get 401 from then on."""
+    from ingest.tokens import revoke_token
+
+    with session_scope() as session:
+        done = revoke_token(session=session, token_id=token_id)
+    if not done:
+        typer.echo(f"error: no active token with id {token_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"token {token_id} revoked")
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the HTTP API and the pages."""
+    import uvicorn
+
+    from dashboard.app import create_app
+
+    _logging()
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@app.command("ingest-worker")
+def ingest_worker(
+    shared_group: Annotated[str | None, typer.Option(help="join $share/<group>/... to split load")] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (persistent session key)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Consume the MQTT event topics into the database (QoS 1, ack after commit)."""
+    from ingest.mqtt_worker import IngestWorker
+
+    _logging(verbose)
+    settings = get_settings()
+    if not settings.mqtt_url:
+        typer.echo("error: STOREPULSE_MQTT_URL is not set (e.g. mqtt://127.0.0.1:1883)", err=True)
+        raise typer.Exit(2)
+    settings = settings.model_copy(
+        update={k: v for k, v in {"mqtt_shared_group": shared_group, "mqtt_client_id": client_id}.items() if v}
+    )
+    worker = IngestWorker(settings, get_engine(settings.effective_database_url))
+    sys.exit(worker.run_forever())
+
+
+def main() -> None:
+    app()
