@@ -144,9 +144,7 @@ class ConsultationStepEvent(_Event):
             isinstance(data["keywords"], list) and all(isinstance(k, str) for k in data["keywords"])
         ):
             raise ValueError("data.keywords: must be a list of strings")
-        if "skus" in data and not (
-            isinstance(data["skus"], list) and all(isinstance(k, str) for k in data["skus"])
-        ):
+        if "skus" in data and not (isinstance(data["skus"], list) and all(isinstance(k, str) for k in data["skus"])):
             raise ValueError("data.skus: must be a list of SKU strings")
         return self
 

@@ -182,8 +182,7 @@ def detect_kind(name: str, columns: Iterable[str]) -> str:
         if required <= present and present <= set(spec.row.model_fields):
             return kind
     raise MasterDataError(
-        f"{name}: cannot tell which master data this is; name it after one of {', '.join(KINDS)} "
-        "or pass --kind"
+        f"{name}: cannot tell which master data this is; name it after one of {', '.join(KINDS)} or pass --kind"
     )
 
 

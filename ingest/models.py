@@ -230,9 +230,7 @@ class StockLot(Base):
 
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, server_default=func.now(), index=True)
     source: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)

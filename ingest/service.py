@@ -48,19 +48,27 @@ def _text_field(payload: Any, name: str) -> str | None:
 
 
 def dead_letter(
-    *, session: Session, source: str, reason: str, raw_payload: str, event_id: str | None = None,
-    store_id: str | None = None, received_at: datetime | None = None,
+    *,
+    session: Session,
+    source: str,
+    reason: str,
+    raw_payload: str,
+    event_id: str | None = None,
+    store_id: str | None = None,
+    received_at: datetime | None = None,
 ) -> None:
     session.execute(
         insert(DeadLetter),
-        [{
-            "received_at": received_at or datetime.now(UTC),
-            "source": source[:200],
-            "reason": reason,
-            "raw_payload": raw_payload,
-            "event_id": event_id,
-            "store_id": store_id,
-        }],
+        [
+            {
+                "received_at": received_at or datetime.now(UTC),
+                "source": source[:200],
+                "reason": reason,
+                "raw_payload": raw_payload,
+                "event_id": event_id,
+                "store_id": store_id,
+            }
+        ],
     )
 
 
@@ -68,61 +76,95 @@ def known_store_ids(*, session: Session) -> set[str]:
     return set(session.scalars(select(Store.store_id)))
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """One decoded payload and what its transport says about it."""
+
+    payload: Any
+    source: str
+    topic_store_id: str | None = None
+    topic_kind: str | None = None
+    allowed_types: frozenset[str] | None = None
+
+
+def _transport_error(event: Event, item: Inbound, allowed_store_id: str | None) -> str | None:
+    if item.topic_store_id is not None and event.store_id != item.topic_store_id:
+        return f"store_id: payload store {event.store_id!r} does not match topic store {item.topic_store_id!r}"
+    if allowed_store_id is not None and event.store_id != allowed_store_id:
+        return f"store_id: this device token publishes for store {allowed_store_id!r} only"
+    if item.allowed_types is not None and event.type not in item.allowed_types:
+        return f"type: {event.type!r} events are not accepted on the {item.topic_kind} topic"
+    return None
+
+
 def ingest_payloads(
     payloads: Sequence[Any],
     *,
     session: Session,
     source: str,
-    topic_store_id: str | None = None,
     allowed_store_id: str | None = None,
     now: datetime | None = None,
 ) -> list[EventResult]:
     """Validate and store a batch of decoded JSON events; one result per payload, in order.
 
-    ``topic_store_id`` is the store named by the MQTT topic, ``allowed_store_id`` the store of
-    the HTTP device token: an event for any other store is rejected.
-    Transient database errors propagate so the caller can retry the whole batch.
+    ``allowed_store_id`` is the store of the HTTP device token: events for any other store are
+    rejected. Transient database errors propagate so the caller can retry the whole batch.
     """
+    return ingest_inbound(
+        [Inbound(p, source) for p in payloads], session=session, allowed_store_id=allowed_store_id, now=now
+    )
+
+
+def ingest_inbound(
+    items: Sequence[Inbound],
+    *,
+    session: Session,
+    allowed_store_id: str | None = None,
+    now: datetime | None = None,
+) -> list[EventResult]:
+    """`ingest_payloads` for payloads from several transports or topics at once (the MQTT worker)."""
     received_at = datetime.now(UTC)
     stores = known_store_ids(session=session)
-    results: list[EventResult | None] = [None] * len(payloads)
+    results: list[EventResult | None] = [None] * len(items)
     valid_positions: list[int] = []
     valid_events: list[Event] = []
     valid_raws: list[dict[str, Any]] = []
     rejected: list[tuple[int, str]] = []
 
-    for position, payload in enumerate(payloads):
+    for position, item in enumerate(items):
         try:
-            event = parse_event(payload, now=now)
-            if event.store_id not in stores:
-                raise ContractError(f"store_id: unknown store {event.store_id!r}")
-            if topic_store_id is not None and event.store_id != topic_store_id:
-                raise ContractError(
-                    f"store_id: payload store {event.store_id!r} does not match topic store {topic_store_id!r}"
-                )
-            if allowed_store_id is not None and event.store_id != allowed_store_id:
-                raise ContractError(
-                    f"store_id: this device token publishes for store {allowed_store_id!r} only"
-                )
+            event = parse_event(item.payload, now=now)
         except ContractError as exc:
             rejected.append((position, str(exc)))
             continue
+        error = (
+            f"store_id: unknown store {event.store_id!r}"
+            if event.store_id not in stores
+            else _transport_error(event, item, allowed_store_id)
+        )
+        if error:
+            rejected.append((position, error))
+            continue
         valid_positions.append(position)
         valid_events.append(event)
-        valid_raws.append(payload)
+        valid_raws.append(item.payload)
 
     if valid_events:
         for position, status, error in _write(valid_events, valid_raws, valid_positions, session, received_at):
             if error is not None:
                 rejected.append((position, error))
             else:
-                results[position] = EventResult(_text_field(payloads[position], "event_id"), status)
+                results[position] = EventResult(_text_field(items[position].payload, "event_id"), status)
 
     for position, reason in rejected:
-        payload = payloads[position]
+        payload = items[position].payload
         dead_letter(
-            session=session, source=source, reason=reason, raw_payload=_raw_text(payload),
-            event_id=_text_field(payload, "event_id"), store_id=_text_field(payload, "store_id"),
+            session=session,
+            source=items[position].source,
+            reason=reason,
+            raw_payload=_raw_text(payload),
+            event_id=_text_field(payload, "event_id"),
+            store_id=_text_field(payload, "store_id"),
             received_at=received_at,
         )
         results[position] = EventResult(_text_field(payload, "event_id"), "rejected", reason)
@@ -130,7 +172,10 @@ def ingest_payloads(
 
 
 def _write(
-    events: list[Event], raws: list[dict[str, Any]], positions: list[int], session: Session,
+    events: list[Event],
+    raws: list[dict[str, Any]],
+    positions: list[int],
+    session: Session,
     received_at: datetime,
 ) -> list[tuple[int, Status, str | None]]:
     writer = get_writer(session.get_bind().dialect.name)

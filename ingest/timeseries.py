@@ -48,7 +48,8 @@ def create_hypertables(connection: Connection) -> bool:
         connection.execute(
             text(
                 f"SELECT create_hypertable('{table}', 'occurred_at', "
-                f"chunk_time_interval => INTERVAL '{interval}', if_not_exists => TRUE, migrate_data => TRUE)"
+                f"chunk_time_interval => INTERVAL '{interval}', if_not_exists => TRUE, migrate_data => TRUE, "
+                f"create_default_indexes => FALSE)"
             )
         )
     return True
@@ -68,4 +69,3 @@ def hypertables(session: Session) -> dict[str, str]:
         )
     )
     return {name: interval for name, interval in rows}
-

@@ -27,8 +27,18 @@ MQTT_PORT = int(os.environ.get("STOREPULSE_TEST_MQTT_PORT", "1883"))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-TRUNCATE_ORDER = (*EVENT_TABLES, "dead_letters", "device_tokens", "members", "staff", "sensors", "terminals",
-                  "skus", "stores", "regions")
+TRUNCATE_ORDER = (
+    *EVENT_TABLES,
+    "dead_letters",
+    "device_tokens",
+    "members",
+    "staff",
+    "sensors",
+    "terminals",
+    "skus",
+    "stores",
+    "regions",
+)
 
 
 def unavailable(reason: str) -> None:
@@ -112,27 +122,59 @@ def pg_engine(timescale_url: str) -> Engine:
 def load_small_chain(engine: Engine) -> None:
     """Two regions, three stores, a few SKUs: enough for contract and writer tests."""
     with session_scope(engine) as session:
-        session.add_all([
-            Region(region_id="R-ZJ", name_zh="浙江区", name_en="Zhejiang"),
-            Region(region_id="R-SH", name_zh="上海区", name_en="Shanghai"),
-        ])
+        session.add_all(
+            [
+                Region(region_id="R-ZJ", name_zh="浙江区", name_en="Zhejiang"),
+                Region(region_id="R-SH", name_zh="上海区", name_en="Shanghai"),
+            ]
+        )
         session.flush()
-        session.add_all([
-            Store(store_id="S001", region_id="R-ZJ", name_zh="温州鹿城店", name_en="Wenzhou Lucheng",
-                  city="温州", timezone="Asia/Shanghai"),
-            Store(store_id="S002", region_id="R-ZJ", name_zh="杭州西湖店", name_en="Hangzhou Xihu",
-                  city="杭州", timezone="Asia/Shanghai"),
-            Store(store_id="S003", region_id="R-SH", name_zh="上海徐汇店", name_en="Shanghai Xuhui",
-                  city="上海", timezone="Asia/Shanghai"),
-        ])
+        session.add_all(
+            [
+                Store(
+                    store_id="S001",
+                    region_id="R-ZJ",
+                    name_zh="温州鹿城店",
+                    name_en="Wenzhou Lucheng",
+                    city="温州",
+                    timezone="Asia/Shanghai",
+                ),
+                Store(
+                    store_id="S002",
+                    region_id="R-ZJ",
+                    name_zh="杭州西湖店",
+                    name_en="Hangzhou Xihu",
+                    city="杭州",
+                    timezone="Asia/Shanghai",
+                ),
+                Store(
+                    store_id="S003",
+                    region_id="R-SH",
+                    name_zh="上海徐汇店",
+                    name_en="Shanghai Xuhui",
+                    city="上海",
+                    timezone="Asia/Shanghai",
+                ),
+            ]
+        )
         session.flush()
-        session.add_all([
-            Terminal(store_id="S001", terminal_id="T1", name="till 1"),
-            Sensor(store_id="S001", sensor_id="door-1", name="main door"),
-            Staff(staff_id="E0101", store_id="S001", name="李娜", role="pharmacist"),
-            Sku(sku="6901234567890", name_zh="参松养心胶囊", name_en="Shensong Yangxin capsules", category="cardio",
-                is_rx=False, flow_controlled=True, prompt_triggering=True, insurance_eligible=True),
-        ])
+        session.add_all(
+            [
+                Terminal(store_id="S001", terminal_id="T1", name="till 1"),
+                Sensor(store_id="S001", sensor_id="door-1", name="main door"),
+                Staff(staff_id="E0101", store_id="S001", name="李娜", role="pharmacist"),
+                Sku(
+                    sku="6901234567890",
+                    name_zh="参松养心胶囊",
+                    name_en="Shensong Yangxin capsules",
+                    category="cardio",
+                    is_rx=False,
+                    flow_controlled=True,
+                    prompt_triggering=True,
+                    insurance_eligible=True,
+                ),
+            ]
+        )
 
 
 @pytest.fixture

@@ -9,4 +9,10 @@ register_writer("sqlite", SqliteWriter)
 
 __all__ = [
     "BatchRefused",
-    "EventWriter", "PostgresCopyWriter", "SqliteWriter", "WriteStatus", "get_writer", "register_writer"]
+    "EventWriter",
+    "PostgresCopyWriter",
+    "SqliteWriter",
+    "WriteStatus",
+    "get_writer",
+    "register_writer",
+]

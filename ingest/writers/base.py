@@ -61,7 +61,20 @@ HEADER_TABLE: dict[str, str] = {
     "footfall": "footfall",
     "stock": "stock_snapshots",
 }
-CHILD_TABLE: dict[str, str] = {"receipt": "receipt_lines", "stock": "stock_lots"}
+PARENT_TABLE: dict[str, str] = {"receipt_lines": "receipts", "stock_lots": "stock_snapshots"}
+
+
+def children_of_accepted(rows: RowSet, table: str, accepted: dict[str, set[int]]) -> list[tuple[Any, ...]]:
+    """Child rows (lines, lots) whose parent event was newly inserted.
+
+    A parent row and its children are written in one transaction, so children of a new parent
+    cannot exist yet and go in without any conflict check; children of a duplicate are dropped.
+    Child rows start with (event_id, part, occurred_at).
+    """
+    parent = PARENT_TABLE[table]
+    parent_rows = rows.headers.get(parent, [])
+    new_parents = {(parent_rows[i][0], parent_rows[i][1]) for i in accepted.get(parent, ())}
+    return [row for row in rows.children.get(table, []) if (row[0], row[2]) in new_parents]
 
 
 @dataclass
@@ -80,33 +93,80 @@ def flatten(events: Sequence[Event], raws: Sequence[dict[str, Any]], received_at
         at = event.occurred_at
         if isinstance(event, ReceiptEvent):
             header: tuple[Any, ...] = (
-                event.event_id, at, event.store_id, event.terminal_id, event.receipt_id, event.kind,
-                event.staff_id, event.member_id, event.consultation_id, event.total, len(event.lines),
-                received_at, raw,
+                event.event_id,
+                at,
+                event.store_id,
+                event.terminal_id,
+                event.receipt_id,
+                event.kind,
+                event.staff_id,
+                event.member_id,
+                event.consultation_id,
+                event.total,
+                len(event.lines),
+                received_at,
+                raw,
             )
             lines = rows.children.setdefault("receipt_lines", [])
             for line in event.lines:
-                lines.append((
-                    event.event_id, line.line_no, at, event.store_id, event.receipt_id, event.kind,
-                    line.sku, line.qty, line.unit_price, line.amount, line.promotion_id,
-                ))
+                lines.append(
+                    (
+                        event.event_id,
+                        line.line_no,
+                        at,
+                        event.store_id,
+                        event.receipt_id,
+                        event.kind,
+                        line.sku,
+                        line.qty,
+                        line.unit_price,
+                        line.amount,
+                        line.promotion_id,
+                    )
+                )
         elif isinstance(event, ConsultationStepEvent):
             customer = event.customer
             header = (
-                event.event_id, at, event.store_id, event.terminal_id, event.consultation_id,
-                event.staff_id, customer.member_id if customer else None,
-                customer.name if customer else None, event.step, event.status, event.skip_reason,
-                event.data, received_at, raw,
+                event.event_id,
+                at,
+                event.store_id,
+                event.terminal_id,
+                event.consultation_id,
+                event.staff_id,
+                customer.member_id if customer else None,
+                customer.name if customer else None,
+                event.step,
+                event.status,
+                event.skip_reason,
+                event.data,
+                received_at,
+                raw,
             )
         elif isinstance(event, PromptAnswerEvent):
             header = (
-                event.event_id, at, event.store_id, event.terminal_id, event.receipt_id, event.sku,
-                event.prompt_id, event.answer, event.staff_id, received_at, raw,
+                event.event_id,
+                at,
+                event.store_id,
+                event.terminal_id,
+                event.receipt_id,
+                event.sku,
+                event.prompt_id,
+                event.answer,
+                event.staff_id,
+                received_at,
+                raw,
             )
         elif isinstance(event, FootfallEvent):
             header = (
-                event.event_id, at, event.store_id, event.sensor_id, event.period_seconds,
-                event.count_in, event.count_out, received_at, raw,
+                event.event_id,
+                at,
+                event.store_id,
+                event.sensor_id,
+                event.period_seconds,
+                event.count_in,
+                event.count_out,
+                received_at,
+                raw,
             )
         elif isinstance(event, StockEvent):
             header = (event.event_id, at, event.store_id, event.sku, event.on_hand, received_at, raw)

@@ -1,8 +1,10 @@
 """PostgreSQL / TimescaleDB writer: binary COPY into a staging table, then one idempotent INSERT.
 
-COPY is the fastest way into PostgreSQL but cannot skip existing keys, so each batch lands in
-a temporary table first and moves with ``INSERT … SELECT … ON CONFLICT DO NOTHING`` inside the
-caller's transaction. ``RETURNING`` tells which events were new.
+COPY is the fastest way into PostgreSQL but cannot skip existing keys, so each batch of events
+lands in a temporary table first and moves with ``INSERT … SELECT … ON CONFLICT DO NOTHING``
+inside the caller's transaction; ``RETURNING`` tells which events were new. Their child rows
+(receipt lines, stock lots) are copied straight into their hypertables: they are new by
+construction, and they are the bulk of the volume.
 """
 
 from __future__ import annotations
@@ -11,16 +13,27 @@ from datetime import UTC
 from functools import cache
 from typing import Any
 
+import orjson
 import psycopg
+from psycopg.types.json import set_json_dumps
 from sqlalchemy import Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from ingest.models import Base
-from ingest.writers.base import COLUMNS, EventWriter, RowSet
+from ingest.writers.base import COLUMNS, EventWriter, RowSet, children_of_accepted
 
-_PG_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+_PG_DIALECT = postgresql.dialect()
+
+
+def _dump_json(value: Any) -> bytes:
+    return orjson.dumps(value, default=str)
+
+
+# Every event carries its raw payload into a jsonb column: orjson serialises it several
+# times faster than the standard library, which shows at tens of thousands of events a second.
+set_json_dumps(_dump_json)
 
 
 def _copy_type(sql_type: str) -> str:
@@ -70,17 +83,14 @@ class PostgresCopyWriter(EventWriter):
             for table, header_rows in rows.headers.items():
                 self._copy(cursor, table, header_rows)
                 cursor.execute(self._insert_sql(table, returning=True))
-                index_of = {
-                    (row[0], row[1].astimezone(UTC)): position for position, row in enumerate(header_rows)
-                }
+                index_of = {(row[0], row[1].astimezone(UTC)): position for position, row in enumerate(header_rows)}
                 accepted[table] = {
-                    index_of[(event_id, occurred_at.astimezone(UTC))]
-                    for event_id, occurred_at in cursor.fetchall()
+                    index_of[(event_id, occurred_at.astimezone(UTC))] for event_id, occurred_at in cursor.fetchall()
                 }
-            for table, child_rows in rows.children.items():
-                if child_rows:
-                    self._copy(cursor, table, child_rows)
-                    cursor.execute(self._insert_sql(table, returning=False))
+        for table in rows.children:
+            child_rows = children_of_accepted(rows, table, accepted)
+            if child_rows:
+                copy_rows_raw(session, table, child_rows)
         return accepted
 
     @staticmethod
@@ -102,10 +112,7 @@ class PostgresCopyWriter(EventWriter):
     @cache
     def _insert_sql(table: str, *, returning: bool) -> str:
         columns = ", ".join(COLUMNS[table])
-        sql = (
-            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging_name(table)} "
-            "ON CONFLICT DO NOTHING"
-        )
+        sql = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging_name(table)} ON CONFLICT DO NOTHING"
         return sql + (" RETURNING event_id, occurred_at" if returning else "")
 
 
@@ -113,11 +120,7 @@ def copy_rows_raw(session: Session, table: str, rows: list[tuple[Any, ...]]) -> 
     """Plain binary COPY straight into a table: the baseline the benchmark compares against."""
     connection: Any = session.connection().connection.driver_connection
     columns = ", ".join(COLUMNS[table])
-    with connection.cursor() as cursor, cursor.copy(
-        f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)"
-    ) as copy:
+    with connection.cursor() as cursor, cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(_copy_types(table))
         for row in rows:
             copy.write_row(row)
-
-

@@ -8,7 +8,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from ingest.models import Base
-from ingest.writers.base import COLUMNS, EventWriter, RowSet
+from ingest.writers.base import COLUMNS, EventWriter, RowSet, children_of_accepted
 
 
 class SqliteWriter(EventWriter):
@@ -28,11 +28,12 @@ class SqliteWriter(EventWriter):
                 if result.rowcount == 1:
                     inserted.add(position)
             accepted[table_name] = inserted
-        for table_name, child_rows in rows.children.items():
+        for table_name in rows.children:
+            child_rows = children_of_accepted(rows, table_name, accepted)
             if child_rows:
                 columns = COLUMNS[table_name]
                 session.execute(
-                    insert(Base.metadata.tables[table_name]).prefix_with("OR IGNORE"),
+                    insert(Base.metadata.tables[table_name]),
                     [dict(zip(columns, row, strict=True)) for row in child_rows],
                 )
         return accepted
