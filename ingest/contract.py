@@ -47,8 +47,9 @@ def _decimal(value: Any, places: int, what: str) -> Decimal:
 
 Amount = Annotated[Decimal, BeforeValidator(lambda v: _decimal(v, 2, "amount"))]
 Qty = Annotated[Decimal, BeforeValidator(lambda v: _decimal(v, 3, "quantity"))]
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
-ShortText = Annotated[str, StringConstraints(max_length=200)]
+# NUL cannot be stored in PostgreSQL text; refusing it here names the field instead of failing the row.
+Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^\x00]*$")]
+ShortText = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
 
 
 def _parse_event_time(value: Any, info: ValidationInfo) -> datetime:

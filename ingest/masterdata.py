@@ -41,7 +41,7 @@ def _blank_to_none(value: Any) -> Any:
 
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
-Key = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+Key = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 OptionalText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 

@@ -35,14 +35,14 @@ class Base(DeclarativeBase):
 
 class Region(Base):
     __tablename__ = "regions"
-    region_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    region_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name_zh: Mapped[str] = mapped_column(String(100))
     name_en: Mapped[str] = mapped_column(String(100))
 
 
 class Store(Base):
     __tablename__ = "stores"
-    store_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     region_id: Mapped[str] = mapped_column(ForeignKey("regions.region_id"), index=True)
     name_zh: Mapped[str] = mapped_column(String(100))
     name_en: Mapped[str] = mapped_column(String(100))
@@ -54,14 +54,14 @@ class Store(Base):
 class Terminal(Base):
     __tablename__ = "terminals"
     store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), primary_key=True)
-    terminal_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    terminal_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(100))
 
 
 class Sensor(Base):
     __tablename__ = "sensors"
     store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), primary_key=True)
-    sensor_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sensor_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(100))
     location: Mapped[str | None] = mapped_column(String(100))
 
@@ -82,15 +82,15 @@ class Sku(Base):
 
 class Staff(Base):
     __tablename__ = "staff"
-    staff_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    staff_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     store_id: Mapped[str] = mapped_column(ForeignKey("stores.store_id"), index=True)
     name: Mapped[str] = mapped_column(String(100))
-    role: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(64))
 
 
 class Member(Base):
     __tablename__ = "members"
-    member_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     home_store_id: Mapped[str | None] = mapped_column(ForeignKey("stores.store_id"))
     phone_last4: Mapped[str | None] = mapped_column(String(4))
@@ -115,12 +115,12 @@ class Receipt(Base):
     __tablename__ = "receipts"
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
-    terminal_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
+    terminal_id: Mapped[str] = mapped_column(String(64))
     receipt_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(8))
-    staff_id: Mapped[str | None] = mapped_column(String(32))
-    member_id: Mapped[str | None] = mapped_column(String(32))
+    staff_id: Mapped[str | None] = mapped_column(String(64))
+    member_id: Mapped[str | None] = mapped_column(String(64))
     consultation_id: Mapped[str | None] = mapped_column(String(64))
     total: Mapped[Decimal] = mapped_column(Money)
     line_count: Mapped[int] = mapped_column(Integer)
@@ -138,7 +138,7 @@ class ReceiptLine(Base):
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
     receipt_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(8))
     sku: Mapped[str] = mapped_column(String(64))
@@ -156,13 +156,13 @@ class ConsultationStep(Base):
     __tablename__ = "consultation_steps"
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
-    terminal_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
+    terminal_id: Mapped[str] = mapped_column(String(64))
     consultation_id: Mapped[str] = mapped_column(String(64))
-    staff_id: Mapped[str | None] = mapped_column(String(32))
-    member_id: Mapped[str | None] = mapped_column(String(32))
+    staff_id: Mapped[str | None] = mapped_column(String(64))
+    member_id: Mapped[str | None] = mapped_column(String(64))
     customer_name: Mapped[str | None] = mapped_column(String(100))
-    step: Mapped[str] = mapped_column(String(32))
+    step: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     skip_reason: Mapped[str | None] = mapped_column(String(200))
     data: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
@@ -178,13 +178,13 @@ class PromptAnswer(Base):
     __tablename__ = "prompt_answers"
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
-    terminal_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
+    terminal_id: Mapped[str] = mapped_column(String(64))
     receipt_id: Mapped[str] = mapped_column(String(64))
     sku: Mapped[str] = mapped_column(String(64))
     prompt_id: Mapped[str] = mapped_column(String(64))
     answer: Mapped[str] = mapped_column(String(200))
-    staff_id: Mapped[str | None] = mapped_column(String(32))
+    staff_id: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
     raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
     __table_args__ = (Index("ix_prompt_answers_store_time", "store_id", "occurred_at"),)
@@ -194,8 +194,8 @@ class Footfall(Base):
     __tablename__ = "footfall"
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
-    sensor_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
+    sensor_id: Mapped[str] = mapped_column(String(64))
     period_seconds: Mapped[int] = mapped_column(Integer)
     count_in: Mapped[int] = mapped_column(Integer)
     count_out: Mapped[int] = mapped_column(Integer)
@@ -208,7 +208,7 @@ class StockSnapshot(Base):
     __tablename__ = "stock_snapshots"
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
     sku: Mapped[str] = mapped_column(String(64))
     on_hand: Mapped[Decimal] = mapped_column(Quantity)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -221,7 +221,7 @@ class StockLot(Base):
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     lot: Mapped[str] = mapped_column(String(64), primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
-    store_id: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str] = mapped_column(String(64))
     sku: Mapped[str] = mapped_column(String(64))
     qty: Mapped[Decimal] = mapped_column(Quantity)
     expires_on: Mapped[date] = mapped_column(Date)

@@ -8,7 +8,6 @@ the redelivery into a duplicate.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -21,6 +20,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -89,8 +89,8 @@ def decode(message: Received, prefix: str) -> Decoded:
         return Decoded(message, dead_reason=f"topic: {message.topic!r} is not a StorePulse event topic")
     store_id, kind = topic
     try:
-        body = json.loads(message.payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = orjson.loads(message.payload)
+    except orjson.JSONDecodeError as exc:
         return Decoded(message, dead_reason=f"payload: not valid JSON ({exc})")
     if isinstance(body, dict) and "events" in body and "type" not in body:
         events = body["events"]

@@ -44,7 +44,7 @@ def _raw_text(payload: Any) -> str:
 
 def _text_field(payload: Any, name: str) -> str | None:
     value = payload.get(name) if isinstance(payload, dict) else None
-    return str(value)[:200] if value is not None else None
+    return str(value).replace("\x00", "")[:200] if value is not None else None
 
 
 def dead_letter(
@@ -63,8 +63,9 @@ def dead_letter(
             {
                 "received_at": received_at or datetime.now(UTC),
                 "source": source[:200],
-                "reason": reason,
-                "raw_payload": raw_payload,
+                # PostgreSQL text cannot hold NUL: keep it visible as an escape rather than lose the row.
+                "reason": reason.replace("\x00", "\\u0000"),
+                "raw_payload": raw_payload.replace("\x00", "\\u0000"),
                 "event_id": event_id,
                 "store_id": store_id,
             }

@@ -14,12 +14,23 @@ from ingest.settings import get_settings
 
 app = typer.Typer(help="StorePulse: store sales monitoring for pharmacy chains.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-masterdata_app = typer.Typer(help="Master data (regions, stores, terminals, sensors, SKUs, staff, members).",
-                             no_args_is_help=True)
+masterdata_app = typer.Typer(
+    help="Master data (regions, stores, terminals, sensors, SKUs, staff, members).", no_args_is_help=True
+)
 token_app = typer.Typer(help="Device tokens for tills and counters.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(masterdata_app, name="masterdata")
 app.add_typer(token_app, name="device-token")
+
+
+def _require_safe_settings() -> None:
+    from ingest.settings import InsecureSettingsError
+
+    try:
+        get_settings().require_safe_for_serving()
+    except InsecureSettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _logging(verbose: bool = False) -> None:
@@ -58,7 +69,9 @@ def db_current() -> None:
 @masterdata_app.command("import")
 def masterdata_import(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    kind: Annotated[str | None, typer.Option(help="regions, stores, terminals, sensors, skus, staff or members")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="regions, stores, terminals, sensors, skus, staff or members")
+    ] = None,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="write the good rows anyway")] = False,
 ) -> None:
     """Import a CSV or XLSX file; a file with bad rows writes nothing unless --skip-bad-rows."""
@@ -141,6 +154,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
 
     from dashboard.app import create_app
 
+    _require_safe_settings()
     _logging()
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
@@ -154,6 +168,7 @@ def ingest_worker(
     """Consume the MQTT event topics into the database (QoS 1, ack after commit)."""
     from ingest.mqtt_worker import IngestWorker
 
+    _require_safe_settings()
     _logging(verbose)
     settings = get_settings()
     if not settings.mqtt_url:

@@ -209,3 +209,45 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """The real app served by uvicorn on a loopback port, in a background thread."""
+
+    def __init__(self, app: object) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start within 10 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def make_app(engine: Engine, **settings: object) -> object:
+    from dashboard.app import create_app
+    from ingest.settings import Settings
+
+    return create_app(Settings(database_url=str(engine.url), **settings), engine=engine)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def live_server(chain: Engine) -> Iterator[LiveServer]:
+    with LiveServer(make_app(chain)) as server:
+        yield server
