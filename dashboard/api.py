@@ -8,12 +8,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import Engine
 
-from dashboard.deps import DbSession, Device
-from ingest.db import database_ok
-from ingest.service import ingest_payloads
+from dashboard.deps import Device
+from ingest.db import database_ok, session_scope
+from ingest.service import EventResult, ingest_payloads
 
 router = APIRouter()
 
@@ -40,7 +42,7 @@ class EventBatchIn(BaseModel):
     tags=["ingest"],
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": EventBatchIn.model_json_schema()}}}},
 )
-async def post_events(request: Request, session: DbSession, device: Device) -> dict[str, Any]:
+async def post_events(request: Request, device: Device) -> dict[str, Any]:
     """Store a batch `{"events": [...]}`; answers per event accepted / duplicate / rejected."""
     body = await request.body()
     try:
@@ -49,10 +51,14 @@ async def post_events(request: Request, session: DbSession, device: Device) -> d
         raise HTTPException(422, detail=f"body: not valid JSON ({exc})") from None
     if not isinstance(batch, dict) or not isinstance(batch.get("events"), list):
         raise HTTPException(422, detail='body: expected an object {"events": [...]}')
-    results = ingest_payloads(
-        batch["events"], session=session, source=f"http:{device.name}", allowed_store_id=device.store_id
-    )
+    results = await run_in_threadpool(_ingest, request.app.state.engine, batch["events"], device.store_id, device.name)
     return {"results": [r.as_dict() for r in results]}
+
+
+def _ingest(engine: Engine, events: list[Any], store_id: str, device_name: str) -> list[EventResult]:
+    # The transaction commits before the answer is sent: "accepted" means stored.
+    with session_scope(engine) as session:
+        return ingest_payloads(events, session=session, source=f"http:{device_name}", allowed_store_id=store_id)
 
 
 def broker_status(mqtt_url: str | None, timeout_s: float = 1.0) -> dict[str, Any]:

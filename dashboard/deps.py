@@ -28,7 +28,7 @@ def get_session(engine: Annotated[Engine, Depends(get_db_engine)]) -> Iterator[S
 DbSession = Annotated[Session, Depends(get_session)]
 
 
-def device_token(request: Request, session: DbSession) -> DeviceToken:
+def device_token(request: Request, engine: Annotated[Engine, Depends(get_db_engine)]) -> DeviceToken:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -37,7 +37,8 @@ def device_token(request: Request, session: DbSession) -> DeviceToken:
             detail="Authorization: a device token is required (Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    row = authenticate(session=session, token=token.strip())
+    with session_scope(engine) as session:
+        row = authenticate(session=session, token=token.strip())
     if row is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -103,6 +104,20 @@ def decode(message: Received, prefix: str) -> Decoded:
     return Decoded(message, [Inbound(e, source, store_id, kind, allowed) for e in events])
 
 
+def event_time_lag(decoded: list[Decoded]) -> float | None:
+    """Seconds between now and the event time of the batch's last event: how far behind the stream we are."""
+    for d in reversed(decoded):
+        for item in reversed(d.items):
+            occurred = item.payload.get("occurred_at") if isinstance(item.payload, dict) else None
+            try:
+                moment = datetime.fromisoformat(occurred) if isinstance(occurred, str) else None
+            except ValueError:
+                continue
+            if moment is not None and moment.tzinfo is not None:
+                return (datetime.now(UTC) - moment).total_seconds()
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Connection-level trouble: keep the batch unacknowledged and retry later."""
     if isinstance(exc, sa_exc.DBAPIError):
@@ -118,6 +133,7 @@ class Stats:
     rejected: int = 0
     duplicates: int = 0
     lags_ms: list[float] = field(default_factory=list)
+    event_lag_s: float | None = None
     since: float = field(default_factory=time.monotonic)
 
 
@@ -300,6 +316,7 @@ class IngestWorker:
         self._stats.rejected += rejected
         self._stats.duplicates += duplicates
         self._stats.lags_ms.extend((committed - m.arrived) * 1000 for m in batch)
+        self._stats.event_lag_s = event_time_lag(decoded)
         self.total_events += events
         if self.on_commit is not None:
             self.on_commit(events)
@@ -315,9 +332,10 @@ class IngestWorker:
             p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
             log.info(
                 "ingest: %.0f events/s (%d events, %d messages, %d batches, %d rejected, %d duplicate), "
-                "receive-to-commit lag p50 %.0f ms p99 %.0f ms, inbox %d",
+                "receive-to-commit lag p50 %.0f ms p99 %.0f ms, event-time lag %s, inbox %d",
                 s.events / elapsed, s.events, s.messages, s.batches, s.rejected, s.duplicates,
-                statistics.median(lags), p99, self._inbox.qsize(),
+                statistics.median(lags), p99,
+                "n/a" if s.event_lag_s is None else f"{s.event_lag_s:.1f} s", self._inbox.qsize(),
             )  # fmt: skip
         self._stats = Stats()
 

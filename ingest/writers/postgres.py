@@ -82,7 +82,7 @@ class PostgresCopyWriter(EventWriter):
         with connection.cursor() as cursor:
             for table, header_rows in rows.headers.items():
                 self._copy(cursor, table, header_rows)
-                cursor.execute(self._insert_sql(table, returning=True))
+                cursor.execute(self._insert_sql(table))
                 index_of = {(row[0], row[1].astimezone(UTC)): position for position, row in enumerate(header_rows)}
                 accepted[table] = {
                     index_of[(event_id, occurred_at.astimezone(UTC))] for event_id, occurred_at in cursor.fetchall()
@@ -110,14 +110,16 @@ class PostgresCopyWriter(EventWriter):
 
     @staticmethod
     @cache
-    def _insert_sql(table: str, *, returning: bool) -> str:
+    def _insert_sql(table: str) -> str:
         columns = ", ".join(COLUMNS[table])
-        sql = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging_name(table)} ON CONFLICT DO NOTHING"
-        return sql + (" RETURNING event_id, occurred_at" if returning else "")
+        return (
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging_name(table)} "
+            "ON CONFLICT DO NOTHING RETURNING event_id, occurred_at"
+        )
 
 
 def copy_rows_raw(session: Session, table: str, rows: list[tuple[Any, ...]]) -> None:
-    """Plain binary COPY straight into a table: the baseline the benchmark compares against."""
+    """Plain binary COPY straight into a table (new child rows; the benchmark's raw baseline)."""
     connection: Any = session.connection().connection.driver_connection
     columns = ", ".join(COLUMNS[table])
     with connection.cursor() as cursor, cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
