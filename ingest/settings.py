@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     ingest_batch_ms: int = 200
     secret_key: str = PLACEHOLDER_SECRET
     timezone: str = "Asia/Shanghai"
-    max_future_skew_s: int = 600
 
     @field_validator("timezone")
     @classmethod

@@ -90,7 +90,7 @@ def masterdata_import(
         if report.written:
             typer.echo(
                 f"{report.source} [{report.kind}]: {report.rows} rows, {report.inserted} inserted, "
-                f"{report.updated} updated, {len(report.errors)} skipped"
+                f"{report.updated} updated, {report.rows - report.inserted - report.updated} skipped"
             )
         else:
             failed = True
@@ -179,6 +179,28 @@ def ingest_worker(
     )
     worker = IngestWorker(settings, get_engine(settings.effective_database_url))
     sys.exit(worker.run_forever())
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    days: Annotated[int, typer.Option(help="complete days of history before today")] = 30,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="post a live trickle of events to the API")] = True,
+    database_url: Annotated[
+        str | None, typer.Option(help="database to fill instead of a fresh var/demo.db (not emptied first)")
+    ] = None,
+) -> None:
+    """Run the demo chain: a fresh SQLite database, history, a live event trickle and the pages."""
+    from seeds.demo import DemoError, run_demo
+
+    _require_safe_settings()
+    _logging()
+    try:
+        run_demo(host=host, port=port, days=days, live=live, database_url=database_url)
+    except DemoError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:
