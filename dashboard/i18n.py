@@ -1,0 +1,169 @@
+"""UI strings in zh-CN and en, the language choice, and locale-aware money, number and date formats.
+
+The language comes from ``?lang=`` (which the pages remember in a ``lang`` cookie), then the
+cookie, then ``Accept-Language`` (any ``zh*`` means zh-CN); everything else is English.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Final
+
+ZH: Final = "zh-CN"
+EN: Final = "en"
+LANGUAGES: Final = (ZH, EN)
+DEFAULT_LANGUAGE: Final = EN
+COOKIE: Final = "lang"
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "app_name": {ZH: "StorePulse 门店脉搏", EN: "StorePulse"},
+    "chain_overview": {ZH: "连锁总览", EN: "Chain overview"},
+    "all_stores": {ZH: "全部门店", EN: "All stores"},
+    "today": {ZH: "今日", EN: "Today"},
+    "business_day": {ZH: "营业日", EN: "Business day"},
+    "sales": {ZH: "销售额", EN: "Sales"},
+    "transactions": {ZH: "交易笔数", EN: "Transactions"},
+    "visitors": {ZH: "进店人数", EN: "Visitors"},
+    "conversion": {ZH: "转化率", EN: "Conversion"},
+    "average_ticket": {ZH: "客单价", EN: "Average ticket"},
+    "returns": {ZH: "退货笔数", EN: "Returns"},
+    "by_hour": {ZH: "分时段", EN: "By hour"},
+    "hour": {ZH: "时段", EN: "Hour"},
+    "latest_receipts": {ZH: "最新小票", EN: "Latest receipts"},
+    "time": {ZH: "时间", EN: "Time"},
+    "receipt": {ZH: "小票号", EN: "Receipt"},
+    "terminal": {ZH: "收银台", EN: "Till"},
+    "kind": {ZH: "类型", EN: "Kind"},
+    "kind_sale": {ZH: "销售", EN: "sale"},
+    "kind_return": {ZH: "退货", EN: "return"},
+    "items": {ZH: "商品", EN: "Items"},
+    "staff": {ZH: "店员", EN: "Staff"},
+    "member": {ZH: "会员", EN: "Member"},
+    "total": {ZH: "金额", EN: "Total"},
+    "store": {ZH: "门店", EN: "Store"},
+    "city": {ZH: "城市", EN: "City"},
+    "region": {ZH: "区域", EN: "Region"},
+    "chain_total": {ZH: "全连锁合计", EN: "Chain total"},
+    "region_total": {ZH: "区域合计", EN: "Region total"},
+    "stores_count": {ZH: "{count} 家门店", EN: "{count} stores"},
+    "updated": {ZH: "更新于 {time}", EN: "Updated {time}"},
+    "live_hint": {ZH: "页面每 3 秒自动刷新", EN: "This page updates itself every 3 seconds"},
+    "no_receipts": {ZH: "今日暂无小票", EN: "No receipts yet today"},
+    "no_stores": {ZH: "尚无门店：请先导入主数据", EN: "No stores yet: import the master data first"},
+    "counter_flow": {ZH: "五步法", EN: "counter flow"},
+    "not_found": {ZH: "未找到", EN: "Not found"},
+    "store_not_found": {ZH: "门店 {store_id} 不存在。", EN: "There is no store {store_id}."},
+    "back_to_chain": {ZH: "返回连锁总览", EN: "Back to the chain overview"},
+    "timezone": {ZH: "时区", EN: "Time zone"},
+    "switch_to": {ZH: "English", EN: "中文"},
+    "api_docs": {ZH: "API 文档", EN: "API docs"},
+    "footer": {ZH: "StorePulse · 事件契约 v1", EN: "StorePulse · event contract v1"},
+    "definitions": {
+        ZH: "转化率 = 交易笔数 ÷ 进店人数；客单价 = 销售额 ÷ 交易笔数；销售额已扣除退货。",
+        EN: "Conversion = transactions ÷ visitors; average ticket = sales ÷ transactions; sales are net of returns.",
+    },
+}
+
+_WEEKDAYS_ZH = ("星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日")
+_WEEKDAYS_EN = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS_EN = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+_CENT = Decimal("0.01")
+
+
+def normalise_language(value: str | None) -> str | None:
+    """``zh``, ``zh-cn``, ``zh_Hans`` ... → zh-CN; ``en-GB`` ... → en; anything else → None."""
+    if not value:
+        return None
+    tag = value.strip().lower().replace("_", "-")
+    if tag == "zh" or tag.startswith("zh-"):
+        return ZH
+    if tag == "en" or tag.startswith("en-"):
+        return EN
+    return None
+
+
+def from_accept_language(header: str | None) -> str:
+    """The first supported language of an Accept-Language header by quality; English otherwise."""
+    if not header:
+        return DEFAULT_LANGUAGE
+    ranked: list[tuple[float, int, str]] = []
+    for position, part in enumerate(header.split(",")):
+        tag, _, params = part.strip().partition(";")
+        quality = 1.0
+        params = params.strip()
+        if params.startswith("q="):
+            try:
+                quality = float(params[2:])
+            except ValueError:
+                quality = 0.0
+        if tag and quality > 0:
+            ranked.append((-quality, position, tag))
+    for _, _, tag in sorted(ranked):
+        language = normalise_language(tag)
+        if language is not None:
+            return language
+    return DEFAULT_LANGUAGE
+
+
+def choose_language(query: str | None, cookie: str | None, accept_language: str | None) -> str:
+    return normalise_language(query) or normalise_language(cookie) or from_accept_language(accept_language)
+
+
+@dataclass(frozen=True)
+class Translator:
+    """Strings and formats of one language; templates call it as ``t("key")`` and ``t.money(x)``."""
+
+    lang: str
+
+    def __call__(self, key: str, **values: object) -> str:
+        entry = MESSAGES.get(key)
+        if entry is None:
+            return key
+        text = entry.get(self.lang) or entry[EN]
+        return text.format(**values) if values else text
+
+    @property
+    def other(self) -> str:
+        return EN if self.lang == ZH else ZH
+
+    @property
+    def is_zh(self) -> bool:
+        return self.lang == ZH
+
+    def pick(self, zh: str | None, en: str | None) -> str:
+        """The name in this language, falling back to the other one."""
+        return (zh or en or "") if self.is_zh else (en or zh or "")
+
+    def money(self, value: Decimal | int | float | None) -> str:
+        """¥1,234.50 (both languages write yuan this way); -¥12.50 for negatives; – for none."""
+        if value is None:
+            return "–"
+        amount = Decimal(str(value)).quantize(_CENT, rounding=ROUND_HALF_UP)
+        sign = "-" if amount < 0 else ""
+        return f"{sign}¥{abs(amount):,.2f}"
+
+    def number(self, value: int | None) -> str:
+        return "–" if value is None else f"{value:,}"
+
+    def percent(self, value: float | None, digits: int = 1) -> str:
+        return "–" if value is None else f"{value * 100:.{digits}f}%"
+
+    def date(self, value: dt.date) -> str:
+        if self.is_zh:
+            return f"{value.year}年{value.month}月{value.day}日 {_WEEKDAYS_ZH[value.weekday()]}"
+        return f"{_WEEKDAYS_EN[value.weekday()]}, {value.day} {_MONTHS_EN[value.month - 1]} {value.year}"
+
+    def time(self, value: dt.datetime, seconds: bool = True) -> str:
+        return value.strftime("%H:%M:%S" if seconds else "%H:%M")
+
+    def hour_range(self, hour: int) -> str:
+        return f"{hour:02d}:00–{(hour + 1) % 24:02d}:00"
+
+
+def translator(lang: str | None) -> Translator:
+    return Translator(normalise_language(lang) or DEFAULT_LANGUAGE)

@@ -1,0 +1,240 @@
+"""`storepulse demo`: a fresh database, the demo chain, history, a live trickle and the app.
+
+Everything goes through the real paths: Alembic migrations, the master-data importer, the
+ingest service for history, and for the live trickle the public HTTP API with one device
+token per store, exactly as a till would post.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from ingest.db import get_engine, session_scope
+from ingest.masterdata import IMPORT_ORDER, ImportReport, import_file
+from ingest.migrate import upgrade
+from ingest.settings import get_settings
+from ingest.tokens import create_token
+from seeds.simulator import DEMO_CHAIN_DIR, Chain, HistoryReport, LiveFeed, load_chain, load_history
+
+log = logging.getLogger(__name__)
+
+LIVE_STORES = ("S001", "S002", "S005", "S009")  # one or two per region, S001 always
+TOKEN_NAME = "demo-simulator"
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C or SIGTERM before the server is up: stop preparing and leave cleanly."""
+
+
+@dataclass
+class PreparedDemo:
+    url: str
+    engine: Engine
+    chain: Chain
+    tokens: dict[str, str]  # store_id → device token, kept in memory for the live feed only
+    history: HistoryReport
+    imported: list[ImportReport]
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{(get_settings().var_dir / 'demo.db').as_posix()}"
+
+
+def reset_sqlite(url: str) -> None:
+    """Delete a SQLite database file (and its WAL files) so the demo starts from nothing."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    get_engine(url).dispose()
+    path = Path(parsed.database)
+    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        candidate.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def import_demo_chain(engine: Engine, directory: Path = DEMO_CHAIN_DIR) -> list[ImportReport]:
+    """Import the demo chain's CSVs in one transaction; any bad row aborts the whole import."""
+    reports: list[ImportReport] = []
+    with session_scope(engine) as session:
+        for kind in IMPORT_ORDER:
+            path = directory / f"{kind}.csv"
+            if not path.exists():
+                continue
+            file_reports = import_file(path, session=session, kind=kind)
+            errors = [f"{r.source} {error}" for r in file_reports for error in r.errors]
+            if errors:
+                raise DemoError("demo chain does not import cleanly:\n  " + "\n  ".join(errors[:20]))
+            reports.extend(file_reports)
+    return reports
+
+
+def prepare(
+    database_url: str | None = None,
+    *,
+    days: int = 30,
+    now: datetime | None = None,
+    fresh: bool = True,
+    echo: Callable[[str], None] = print,
+) -> PreparedDemo:
+    """Migrate, import the demo chain, load history up to ``now`` and create device tokens."""
+    url = database_url or default_database_url()
+    if fresh:
+        reset_sqlite(url)
+    echo(f"database: {make_url(url).render_as_string(hide_password=True)}")
+    upgrade(url)
+    engine = get_engine(url)
+    imported = import_demo_chain(engine)
+    chain = load_chain()
+    echo("demo chain: " + ", ".join(f"{r.rows} {r.kind}" for r in imported) + f" (from {DEMO_CHAIN_DIR})")
+    echo(f"simulating {days} days of history and today so far for {len(chain.stores)} stores ...")
+    history = load_history(engine, chain, days=days, now=now)
+    echo(
+        f"history: {history.events:,} events ({history.accepted:,} accepted, {history.duplicate:,} duplicate, "
+        f"{history.rejected:,} rejected) for {history.store_days} store-days in {history.seconds:.1f} s"
+    )
+    for error in history.errors:
+        echo(f"  rejected: {error}")
+    tokens: dict[str, str] = {}
+    with session_scope(engine) as session:
+        for store in chain.stores:
+            tokens[store.store_id] = create_token(session=session, store_id=store.store_id, name=TOKEN_NAME).token
+    echo(f"device tokens: {len(tokens)} created (one per store, kept in memory for the live feed)")
+    return PreparedDemo(url=url, engine=engine, chain=chain, tokens=tokens, history=history, imported=imported)
+
+
+def post_live_events(
+    client: httpx.Client, feed: LiveFeed, tokens: dict[str, str], now: datetime | None = None
+) -> dict[str, int]:
+    """Post everything the feed has up to ``now`` through ``POST /api/v1/events``; counts per status."""
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    for store_id, events in feed.events_until(now or datetime.now(UTC)).items():
+        response = client.post(
+            "/api/v1/events", json={"events": events}, headers={"Authorization": f"Bearer {tokens[store_id]}"}
+        )
+        response.raise_for_status()
+        for result in response.json()["results"]:
+            counts[result["status"]] = counts.get(result["status"], 0) + 1
+            if result["status"] == "rejected":
+                log.warning("live event %s rejected: %s", result["event_id"], result["error"])
+    return counts
+
+
+def live_loop(
+    base_url: str,
+    feed: LiveFeed,
+    tokens: dict[str, str],
+    stop: threading.Event,
+    *,
+    interval_s: float = 1.0,
+) -> None:
+    """Post the live trickle once a second until ``stop`` is set; survives a failing request."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the console
+    with httpx.Client(base_url=base_url, timeout=10.0) as client:
+        while not stop.wait(interval_s):
+            try:
+                post_live_events(client, feed, tokens)
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                log.warning("live feed: %s", exc)
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def run_demo(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    days: int = 30,
+    live: bool = True,
+    database_url: str | None = None,
+) -> None:
+    """Prepare a fresh demo database and serve the app until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    from dashboard.app import create_app
+
+    stop = threading.Event()
+    server: uvicorn.Server | None = None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # While uvicorn runs it has its own handlers (graceful shutdown); after shutdown it
+        # re-raises the signal, which lands here and only confirms the stop.
+        stop.set()
+        if server is None:
+            raise _Interrupted
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        prepared = prepare(database_url, days=days, fresh=database_url is None, echo=say)
+        settings = get_settings().model_copy(update={"database_url": prepared.url})
+        app = create_app(settings, prepared.engine)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        url = f"http://{_display_host(host)}:{port}/"
+        companion = threading.Thread(
+            target=_companion, args=(server, url, prepared, live, stop, say), name="demo-live", daemon=True
+        )
+        companion.start()
+        try:
+            server.run()
+        finally:
+            stop.set()
+            companion.join(timeout=15)
+        if not server.started:
+            raise DemoError(f"the server did not start on {host}:{port} (is the port in use?)")
+        say("StorePulse demo stopped.")
+    except _Interrupted:
+        say("StorePulse demo interrupted.")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _companion(
+    server: Any, url: str, prepared: PreparedDemo, live: bool, stop: threading.Event, say: Callable[[str], None]
+) -> None:
+    """Announce the URL once the server listens, then run the live trickle."""
+    while not server.started:
+        if stop.wait(0.05):
+            return
+    say(f"StorePulse demo: {url}")
+    if not live:
+        say("live feed off (--no-live); press Ctrl-C to stop")
+        return
+    stores = [s for s in LIVE_STORES if s in prepared.tokens] or sorted(prepared.tokens)[:4]
+    feed = LiveFeed(prepared.chain, stores, start=datetime.now(UTC))
+    say(f"live feed: stores {', '.join(stores)} post to /api/v1/events every second; press Ctrl-C to stop")
+    live_loop(url.rstrip("/"), feed, prepared.tokens, stop)
+
+
+def main() -> None:  # pragma: no cover - `python -m seeds.demo` for a quick try without the CLI
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_demo(days=int(sys.argv[1]) if len(sys.argv) > 1 else 30)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
