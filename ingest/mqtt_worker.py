@@ -224,15 +224,15 @@ class IngestWorker:
         except queue.Empty:
             return []
         batch = [first]
-        deadline = time.monotonic() + self.settings.ingest_batch_ms / 1000
+        # The window runs from the first message's arrival, not from now: messages that queued
+        # up while the previous batch was being written must not wait a second window.
+        deadline = first.arrived + self.settings.ingest_batch_ms / 1000
         # Messages may carry batches; a rough count of events keeps COPY batches near the target.
         events = max(1, first.payload.count(b'"event_id"'))
         while events < self.settings.ingest_batch_size:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                message = self._inbox.get(timeout=remaining)
+                message = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 break
             batch.append(message)

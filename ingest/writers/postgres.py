@@ -101,7 +101,8 @@ class PostgresCopyWriter(EventWriter):
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        cursor.execute(f"TRUNCATE {stage}")
+        # Empty already unless the caller wrote twice in one transaction; DELETE is cheaper than TRUNCATE.
+        cursor.execute(f"DELETE FROM {stage}")
         columns = ", ".join(COLUMNS[table])
         with cursor.copy(f"COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_copy_types(table))

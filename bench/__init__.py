@@ -1,0 +1,1 @@
+"""Benchmarks of the ingest path (scripts, not tests): run them as `python -m bench.<name>`."""
