@@ -26,6 +26,8 @@ from pydantic import (
 STEPS: tuple[str, ...] = ("consultation", "symptoms", "recommendation", "insurance_check", "guidance")
 EVENT_TYPES: tuple[str, ...] = ("receipt", "consultation_step", "prompt_answer", "footfall", "stock")
 MAX_FUTURE = timedelta(minutes=10)
+# Also keeps UTC conversion clear of datetime.min (year 1 with a positive offset overflows).
+EARLIEST_YEAR = 2000
 
 
 def _decimal(value: Any, places: int, what: str) -> Decimal:
@@ -64,10 +66,35 @@ def _parse_event_time(value: Any, info: ValidationInfo) -> datetime:
         raise ValueError("must be an RFC 3339 timestamp string")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError(f"{value!r} has no UTC offset; naive timestamps are rejected")
+    if parsed.year < EARLIEST_YEAR:
+        raise ValueError(f"{value!r} is before {EARLIEST_YEAR}; a till clock is wrong")
     now = (info.context or {}).get("now") or datetime.now(UTC)
     if parsed - now > MAX_FUTURE:
         raise ValueError(f"{value!r} is more than 10 minutes in the future")
     return parsed
+
+
+def _invalid_text_at(value: Any, path: str) -> str | None:
+    """Path of the first string that cannot be stored as UTF-8 text (NUL, unpaired surrogate)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return path
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _invalid_text_at(key, path) or _invalid_text_at(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _invalid_text_at(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
 
 
 class _Event(BaseModel):
@@ -79,6 +106,16 @@ class _Event(BaseModel):
     occurred_at: datetime
 
     _check_time = field_validator("occurred_at", mode="before")(_parse_event_time)
+
+    @model_validator(mode="after")
+    def _storable_free_text(self) -> _Event:
+        # Typed fields are checked by their types; free-form parts (unknown fields, step data)
+        # are checked here so every backend refuses the same payloads.
+        free_form = {**(self.model_extra or {}), "data": getattr(self, "data", None)}
+        bad = _invalid_text_at(free_form, "")
+        if bad:
+            raise ValueError(f"{bad}: text with a NUL character or an unpaired surrogate cannot be stored")
+        return self
 
 
 class ReceiptLine(BaseModel):

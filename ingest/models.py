@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -235,8 +236,11 @@ class DeadLetter(Base):
     source: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
     raw_payload: Mapped[str] = mapped_column(Text)
+    # A redelivered message (the worker died between commit and ack) must not be dead-lettered twice.
+    payload_sha256: Mapped[str] = mapped_column(String(64))
     event_id: Mapped[str | None] = mapped_column(String(200))
     store_id: Mapped[str | None] = mapped_column(String(200))
+    __table_args__ = (UniqueConstraint("source", "payload_sha256", name="uq_dead_letters_source_payload"),)
 
 
 EVENT_TABLES: tuple[str, ...] = (

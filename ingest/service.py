@@ -6,6 +6,7 @@ with a session from `ingest.db.session_scope`; none of them commits on its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ingest.contract import ContractError, Event, parse_event
@@ -44,7 +47,12 @@ def _raw_text(payload: Any) -> str:
 
 def _text_field(payload: Any, name: str) -> str | None:
     value = payload.get(name) if isinstance(payload, dict) else None
-    return str(value).replace("\x00", "")[:200] if value is not None else None
+    return str(value)[:200] if value is not None else None
+
+
+def storable_text(text: str) -> str:
+    """Text any database accepts: NUL and unpaired surrogates become visible escapes."""
+    return text.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def dead_letter(
@@ -57,20 +65,21 @@ def dead_letter(
     store_id: str | None = None,
     received_at: datetime | None = None,
 ) -> None:
-    session.execute(
-        insert(DeadLetter),
-        [
-            {
-                "received_at": received_at or datetime.now(UTC),
-                "source": source[:200],
-                # PostgreSQL text cannot hold NUL: keep it visible as an escape rather than lose the row.
-                "reason": reason.replace("\x00", "\\u0000"),
-                "raw_payload": raw_payload.replace("\x00", "\\u0000"),
-                "event_id": event_id,
-                "store_id": store_id,
-            }
-        ],
-    )
+    """Keep a rejected payload with its reason; a redelivered identical payload is stored once."""
+    raw_payload = storable_text(raw_payload)
+    source = storable_text(source)[:200]
+    row = {
+        "received_at": received_at or datetime.now(UTC),
+        "source": source,
+        "reason": storable_text(reason),
+        "raw_payload": raw_payload,
+        "payload_sha256": hashlib.sha256(f"{source}\n{raw_payload}".encode()).hexdigest(),
+        "event_id": storable_text(event_id) if event_id else None,
+        "store_id": storable_text(store_id) if store_id else None,
+    }
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert_fn(DeadLetter).values(row).on_conflict_do_nothing())
 
 
 def known_store_ids(*, session: Session) -> set[str]:

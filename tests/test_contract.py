@@ -55,6 +55,20 @@ def test_more_than_ten_minutes_in_the_future_is_rejected_but_nine_is_fine() -> N
     assert parse_event(f.receipt(1, at=NOW + timedelta(minutes=9)), now=NOW)
 
 
+def test_implausibly_old_timestamps_are_rejected() -> None:
+    payload = f.receipt(1)
+    payload["occurred_at"] = "0001-01-01T00:00:00+14:00"
+    assert rejected(payload) == "occurred_at: '0001-01-01T00:00:00+14:00' is before 2000; a till clock is wrong"
+
+
+def test_free_form_text_must_be_storable() -> None:
+    payload = f.receipt(1, note="a\u0000b")
+    assert rejected(payload) == "note: text with a NUL character or an unpaired surrogate cannot be stored"
+    payload = f.step(1, step="symptoms")
+    payload["data"] = {"keywords": ["胸闷", "\ud800"]}
+    assert rejected(payload).startswith("data.keywords[1]: text with a NUL")
+
+
 def test_total_must_equal_sum_of_lines() -> None:
     payload = f.receipt(1)
     payload["total"] = "1.00"

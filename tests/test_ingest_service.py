@@ -82,6 +82,14 @@ def test_rejected_events_go_to_the_dead_letter_table_and_the_rest_is_stored(chai
         assert all(letter.source == "test" and letter.received_at.tzinfo for letter in letters)
 
 
+def test_a_redelivered_bad_payload_is_dead_lettered_once(chain: Engine) -> None:
+    bad = {**f.receipt(1), "total": "0.01"}
+    ingest(chain, [bad])
+    ingest(chain, [bad])
+    ingest(chain, [{**bad, "total": "0.02"}])
+    assert count(chain, DeadLetter) == 2
+
+
 def test_a_device_token_store_only_publishes_for_itself(chain: Engine) -> None:
     results = ingest(chain, [f.receipt(1, store_id="S001"), f.receipt(2, store_id="S002")], allowed_store_id="S001")
     assert results[0] == ("accepted", None)
@@ -99,17 +107,22 @@ def test_events_on_timescaledb_land_in_hypertables_with_the_chosen_chunks(pg_cha
     }  # fmt: skip
 
 
-def test_a_value_postgres_refuses_is_dead_lettered_alone(pg_chain: Engine) -> None:
-    # jsonb cannot hold \u0000: the database refuses the raw payload of this one event only.
-    poisoned = f.receipt(2, note="a\u0000b")
+def test_an_event_the_postgres_path_cannot_store_is_dead_lettered_alone(pg_chain: Engine) -> None:
+    # Unknown fields are kept in the jsonb raw column; nesting this deep cannot be serialised
+    # there, so that one event is refused and the rest of its batch is still stored.
+    nested: object = "deep"
+    for _ in range(300):
+        nested = {"x": nested}
+    poisoned = f.receipt(2, vendor_blob=nested)
     results = ingest(pg_chain, [f.receipt(1), poisoned, f.receipt(3)])
     assert [s for s, _ in results] == ["accepted", "rejected", "accepted"]
-    assert results[1][1] is not None and results[1][1].startswith("database:")
+    assert results[1][1] is not None and results[1][1].startswith("database: raw payload cannot be stored as JSON")
     assert count(pg_chain, Receipt) == 2
     assert count(pg_chain, ReceiptLine) == 8
     with session_scope(pg_chain) as session:
         letter = session.scalars(select(DeadLetter)).one()
-        assert "\\u0000" in letter.raw_payload
+        assert letter.event_id == poisoned["event_id"]
+        assert '"vendor_blob"' in letter.raw_payload
 
 
 def test_amounts_sum_exactly_per_store_and_day(chain: Engine) -> None:

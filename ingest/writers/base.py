@@ -210,6 +210,8 @@ class EventWriter(ABC):
             accepted = self._store(rows, session=session)
         except (DataError, IntegrityError, ProgrammingError) as exc:
             raise BatchRefused(str(exc.orig).splitlines()[0] if exc.orig else str(exc)) from exc
+        except UnicodeEncodeError as exc:
+            raise BatchRefused(f"text that is not valid Unicode ({exc.reason})") from exc
         for table, owners in rows.owners.items():
             for local_index in accepted.get(table, ()):
                 statuses[unique_positions[owners[local_index]]] = "accepted"

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from ingest.models import Base
-from ingest.writers.base import COLUMNS, EventWriter, RowSet, children_of_accepted
+from ingest.writers.base import COLUMNS, BatchRefused, EventWriter, RowSet, children_of_accepted
 
 _PG_DIALECT = postgresql.dialect()
 
@@ -70,6 +70,9 @@ class PostgresCopyWriter(EventWriter):
     def _store(self, rows: RowSet, *, session: Session) -> dict[str, set[int]]:
         try:
             return self._copy_and_insert(rows, session)
+        except orjson.JSONEncodeError as exc:
+            # e.g. an unpaired surrogate in an unknown extra field of the raw payload
+            raise BatchRefused(f"raw payload cannot be stored as JSON ({exc})") from exc
         except psycopg.Error as exc:
             # Speak SQLAlchemy's exception language like every other path, so callers
             # tell data errors (refuse the event) from connection errors (retry) the same way.

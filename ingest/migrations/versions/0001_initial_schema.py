@@ -53,9 +53,11 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=200), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("raw_payload", sa.Text(), nullable=False),
+        sa.Column("payload_sha256", sa.String(length=64), nullable=False),
         sa.Column("event_id", sa.String(length=200), nullable=True),
         sa.Column("store_id", sa.String(length=200), nullable=True),
         sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("source", "payload_sha256", name="uq_dead_letters_source_payload"),
     )
     with op.batch_alter_table("dead_letters", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_dead_letters_received_at"), ["received_at"], unique=False)
