@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -214,7 +215,7 @@ def free_port() -> int:
 class LiveServer:
     """The real app served by uvicorn on a loopback port, in a background thread."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: Any) -> None:
         import threading
 
         import uvicorn

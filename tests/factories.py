@@ -21,7 +21,7 @@ def receipt(
 ) -> dict[str, Any]:
     at = at or BASE_TIME + timedelta(seconds=n)
     sign = -1 if kind == "return" else 1
-    body = []
+    body: list[dict[str, Any]] = []
     for line_no in range(1, lines + 1):
         qty = sign * (1 + line_no % 3)
         price = Decimal("12.50") + line_no
@@ -35,7 +35,7 @@ def receipt(
                 "promotion_id": None,
             }
         )
-    total = sum(Decimal(line["amount"]) for line in body)
+    total = sum((Decimal(line["amount"]) for line in body), Decimal(0))
     return {
         "type": "receipt",
         "event_id": f"{store_id}-{terminal_id}-{n}",

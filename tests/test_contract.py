@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from ingest.contract import ContractError, parse_event
+from ingest.contract import ContractError, ReceiptEvent, parse_event
 from tests import factories as f
 
 NOW = datetime(2026, 11, 22, 2, 30, tzinfo=UTC)
@@ -30,6 +31,7 @@ def test_contract_examples_are_accepted() -> None:
         "total": "73.60",
     }  # fmt: skip
     event = parse_event(example_receipt, now=NOW)
+    assert isinstance(event, ReceiptEvent)
     assert event.occurred_at == datetime(2026, 11, 22, 2, 15, 3, tzinfo=UTC)
     assert str(event.total) == "73.60"
     for payload in (f.step(1), f.footfall(1), f.prompt_answer(1), f.stock(1), f.receipt(3, kind="return")):
@@ -82,7 +84,8 @@ def test_amounts_have_at_most_two_decimals_quantities_three() -> None:
     payload = f.receipt(1, lines=1)
     payload["lines"][0].update(qty="0.5", amount="6.75", unit_price="13.50")
     payload["total"] = "6.75"
-    assert parse_event(payload, now=NOW).lines[0].qty == pytest.approx(0.5)
+    event = parse_event(payload, now=NOW)
+    assert isinstance(event, ReceiptEvent) and event.lines[0].qty == Decimal("0.5")
     payload["lines"][0]["qty"] = "0.1234"
     assert rejected(payload) == "lines[0].qty: quantity '0.1234' has more than 3 decimals"
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -93,7 +94,7 @@ def test_a_posted_receipt_shows_up_in_the_live_fragment(demo: RunningDemo) -> No
     before = transactions(httpx.get(live).text)
     receipt_id = f"T{uuid.uuid4().hex[:8]}"
     now = datetime.now(SHANGHAI).replace(microsecond=0)
-    event = {
+    event: dict[str, Any] = {
         "type": "receipt", "event_id": f"S001-T2-{receipt_id}", "store_id": "S001", "terminal_id": "T2",
         "receipt_id": receipt_id, "occurred_at": now.isoformat(), "kind": "sale", "staff_id": "E0103",
         "member_id": "M10004", "consultation_id": None,

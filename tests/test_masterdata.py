@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 from sqlalchemy import Engine, func, select
 
 from ingest.db import session_scope
-from ingest.masterdata import MasterDataError, import_file
+from ingest.masterdata import ImportReport, MasterDataError, import_file
 from ingest.models import Region, Sku, Staff, Store
 
 REGIONS = "region_id,name_zh,name_en\nR1,浙江区,Zhejiang\nR2,上海区,Shanghai\n"
@@ -27,9 +28,9 @@ def write(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
-def run(engine: Engine, path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+def run(engine: Engine, path: Path, **kwargs: Any) -> list[ImportReport]:
     with session_scope(engine) as session:
-        return import_file(path, session=session, **kwargs)  # type: ignore[arg-type]
+        return import_file(path, session=session, **kwargs)
 
 
 def rows(engine: Engine, model: type) -> int:

@@ -125,7 +125,7 @@ def test_a_simulated_day_is_deterministic_and_follows_the_contract(demo_chain: C
     assert len(footfall) == 2 * 14 * 4
     assert min(e["occurred_at"] for e in footfall) == "2026-11-20T08:00:00+08:00"
     assert max(e["occurred_at"] for e in footfall) == "2026-11-20T21:45:00+08:00"
-    per_hour = Counter()
+    per_hour: Counter[int] = Counter()
     for e in footfall:
         per_hour[int(e["occurred_at"][11:13])] += e["in"]
     assert per_hour[18] > per_hour[14] and per_hour[10] > per_hour[13]
