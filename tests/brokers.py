@@ -95,12 +95,34 @@ def broker_config(port: int, data_dir: Path, *, tuning: list[str] | None = None)
 class Broker:
     port: int
     log: Path
-    process: subprocess.Popen[bytes]
+    conf: Path
+    process: subprocess.Popen[bytes] | None = None
     host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(MOSQUITTO), "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + 10
+        while not port_open(self.host, self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mosquitto did not start (exit {self.process.poll()}):\n{tail(self.log)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        # SIGTERM: Mosquitto writes its persistence file (sessions, queued messages) on the way out.
+        if self.process is not None:
+            _stop(self.process)
+
+    def restart(self, down_seconds: float) -> None:
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
 
 
 @contextmanager
@@ -113,20 +135,12 @@ def mosquitto_broker(*, tuning: list[str] | None = None) -> Iterator[Broker]:
     port = free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(broker_config(port, tmp / "data", tuning=tuning))
-    log = tmp / "mosquitto.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(MOSQUITTO), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+    broker = Broker(port=port, log=tmp / "mosquitto.log", conf=conf)
     try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mosquitto did not start (exit {process.poll()}):\n{tail(log)}")
-            time.sleep(0.05)
-        yield Broker(port=port, log=log, process=process)
+        broker.start()
+        yield broker
     finally:
-        _stop(process)
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

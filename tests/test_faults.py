@@ -1,4 +1,5 @@
-"""No loss and no duplicates when things break: a worker killed with SIGKILL, PostgreSQL stopped for 20 s.
+"""No loss and no duplicates when things break: a worker killed with SIGKILL, PostgreSQL stopped for 20 s,
+the broker restarted.
 
 The broker is the project's own (infra/mosquitto/tuning.conf read from the file) on a free loopback
 port; the worker is the real `storepulse ingest-worker` process with a fixed client id, i.e. a
@@ -209,3 +210,37 @@ def test_postgres_down_for_20_s_mid_stream_loses_and_duplicates_nothing(
     assert "database unavailable" in worker.output(), "the worker never noticed the outage"
     assert len(acknowledged) == len(published)
     assert_exactly_once(engine, acknowledged, published, worker)
+
+
+def test_worker_reconnects_after_a_broker_restart_and_loses_nothing(
+    pg_chain: Engine, timescale_url: str, broker: Broker, tmp_path: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    prefix = f"storepulse-faults-{run}/v1"
+    events = receipts(6_000, run)
+    acknowledged: set[str] = set()
+    published: set[str] = {e["event_id"] for e in events}
+    with worker_process(
+        timescale_url, broker, topic_prefix=prefix, client_id=f"storepulse-ingest-{run}", log_dir=tmp_path
+    ) as worker:
+        for part, chunk in enumerate((events[:3_000], events[3_000:])):
+            with publisher(broker, max_inflight=500) as pub:
+                if part == 0:
+                    start_and_wait_subscribed(worker, pub, prefix, pg_chain)
+                stream = Stream(pub, chunk, prefix, rate=3_000)
+                stream.run()
+                assert stream.error is None, f"publisher failed: {stream.error!r}"
+                pub.wait_all(timeout=60)
+                acknowledged |= set(pub.acknowledged_ids())
+                published |= {i for s in pub.sent for i in s.event_ids}
+            if part == 0:
+                # Down while the worker still holds unacknowledged batches in its session.
+                broker.restart(down_seconds=3)
+        wait_stored(pg_chain, len(acknowledged), timeout=60)
+        assert worker.alive(), f"the worker exited:\n{tail(worker.log)}"
+    log = worker.output()
+    assert worker.starts == 1
+    assert "disconnected from broker" in log, "the restart was not noticed"
+    assert "session present: True" in log, "the worker did not get its session back after the restart"
+    assert len(acknowledged) == len(published)
+    assert_exactly_once(pg_chain, acknowledged, published, worker)
