@@ -8,9 +8,10 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 
-from dashboard import api, pages
+from dashboard import api, pages, pos
 from ingest.db import get_engine
 from ingest.settings import Settings, get_settings
+from store_rules import compliance
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -18,6 +19,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.require_safe_for_serving()
+    compliance.install()
     app = FastAPI(
         title="StorePulse",
         version="1.0",
@@ -26,6 +28,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.engine = engine or get_engine(settings.effective_database_url)
     app.include_router(api.router)
+    app.include_router(pos.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

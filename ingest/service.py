@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ingest.contract import ContractError, Event, parse_event
+from ingest.hooks import run_accepted_hooks
 from ingest.models import DeadLetter, Store
 from ingest.writers import BatchRefused, get_writer
 
@@ -160,11 +161,16 @@ def ingest_inbound(
         valid_raws.append(item.payload)
 
     if valid_events:
+        accepted: list[Event] = []
+        event_at = dict(zip(valid_positions, valid_events, strict=True))
         for position, status, error in _write(valid_events, valid_raws, valid_positions, session, received_at):
             if error is not None:
                 rejected.append((position, error))
             else:
                 results[position] = EventResult(_text_field(items[position].payload, "event_id"), status)
+                if status == "accepted":
+                    accepted.append(event_at[position])
+        run_accepted_hooks(session, accepted)
 
     for position, reason in rejected:
         payload = items[position].payload

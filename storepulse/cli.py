@@ -21,6 +21,10 @@ token_app = typer.Typer(help="Device tokens for tills and counters.", no_args_is
 app.add_typer(db_app, name="db")
 app.add_typer(masterdata_app, name="masterdata")
 app.add_typer(token_app, name="device-token")
+config_app = typer.Typer(
+    help="Counter-flow and scan-prompt definitions (seeds/config/*.yaml), versioned.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
 
 
 def _require_safe_settings() -> None:
@@ -147,6 +151,37 @@ def token_revoke(token_id: int) -> None:
     typer.echo(f"token {token_id} revoked")
 
 
+@config_app.command("load")
+def config_load(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="folder with counter_flow.yaml and prompts.yaml")
+    ] = None,
+) -> None:
+    """Validate and store the definitions; a changed file becomes a new version."""
+    from store_rules.definitions import CONFIG_DIR, DefinitionError, load_config_dir
+
+    try:
+        with session_scope() as session:
+            results = load_config_dir(session=session, directory=directory or CONFIG_DIR)
+    except DefinitionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for kind, version, created in results:
+        typer.echo(f"{kind}: version {version} ({'new' if created else 'unchanged'})")
+
+
+@config_app.command("versions")
+def config_versions() -> None:
+    """List the stored versions of the definitions."""
+    from store_rules.definitions import versions
+
+    with session_scope() as session:
+        for row in versions(session=session):
+            typer.echo(
+                f"{row.kind:<14} v{row.version:<4} {row.loaded_at:%Y-%m-%d %H:%M:%S}  {row.checksum[:12]}  {row.source}"
+            )
+
+
 @app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP API and the pages."""
@@ -177,6 +212,9 @@ def ingest_worker(
     settings = settings.model_copy(
         update={k: v for k, v in {"mqtt_shared_group": shared_group, "mqtt_client_id": client_id}.items() if v}
     )
+    from store_rules import compliance
+
+    compliance.install()
     worker = IngestWorker(settings, get_engine(settings.effective_database_url))
     sys.exit(worker.run_forever())
 

@@ -29,6 +29,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TRUNCATE_ORDER = (
+    "compliance_violations",
+    "config_versions",
     *EVENT_TABLES,
     "dead_letters",
     "device_tokens",

@@ -1,0 +1,381 @@
+"""Counter services behind the POS API: scan, record a step, answer a prompt, checkout, trace.
+
+Plain functions taking a session, so the API, the simulator and tests share them. Every
+step and answer is stored as a contract event through the ingest service: the POS path and
+the MQTT path leave the same trace.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest.models import ConsultationStep, PromptAnswer, Receipt, ReceiptLine, Sku
+from ingest.service import EventResult, ingest_payloads
+from store_rules.definitions import (
+    FlowDefinition,
+    PromptDefinition,
+    active_flow,
+    active_prompts,
+    flow_controlled_skus,
+    skus_by_code,
+)
+from store_rules.flow import Consultation, StepRecord, StepRefused
+from store_rules.models import ComplianceViolation
+
+
+class CounterError(ValueError):
+    """A request the counter refuses; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 422, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+def mask_name(name: str | None) -> str | None:
+    """王建国 → 王*国, 李娜 → 李*, Alice → A***e: enough for staff to recognise, not to identify."""
+    if not name:
+        return name
+    if len(name) == 1:
+        return "*"
+    if len(name) == 2:
+        return name[0] + "*"
+    return name[0] + "*" * (len(name) - 2) + name[-1]
+
+
+def records_by_consultation(
+    session: Session, store_id: str, consultation_ids: Iterable[str]
+) -> dict[str, list[StepRecord]]:
+    ids = set(consultation_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(
+            ConsultationStep.consultation_id,
+            ConsultationStep.step,
+            ConsultationStep.status,
+            ConsultationStep.occurred_at,
+            ConsultationStep.staff_id,
+            ConsultationStep.skip_reason,
+            ConsultationStep.data,
+            ConsultationStep.event_id,
+        ).where(ConsultationStep.store_id == store_id, ConsultationStep.consultation_id.in_(ids))
+    )
+    grouped: dict[str, list[StepRecord]] = {i: [] for i in ids}
+    for cid, step, status, at, staff, reason, data, event_id in rows:
+        grouped[cid].append(StepRecord(step, status, at, staff, reason, data, event_id))
+    return grouped
+
+
+def load_consultation(session: Session, store_id: str, consultation_id: str, flow: FlowDefinition) -> Consultation:
+    records = records_by_consultation(session, store_id, [consultation_id])[consultation_id]
+    return Consultation.of(flow, records)
+
+
+def flow_status(consultation_id: str | None, consultation: Consultation | None, flow: FlowDefinition) -> dict[str, Any]:
+    if consultation is None:
+        return {
+            "consultation_id": consultation_id,
+            "done": [],
+            "skipped": [],
+            "missing": flow.required_steps,
+            "flow_version": flow.version,
+        }
+    return {"consultation_id": consultation_id, **consultation.status(), "flow_version": flow.version}
+
+
+def _prompt_json(prompt: PromptDefinition, kind: str) -> dict[str, Any]:
+    return {
+        "prompt_id": prompt.id,
+        "question": prompt.question.as_dict(),
+        "input_type": prompt.input_type,
+        "options": [{"value": o.value, "label": {"zh-CN": o.zh_cn, "en": o.en}} for o in prompt.options],
+        "required": prompt.is_required(kind),
+        "frequency": prompt.frequency,
+    }
+
+
+def scan(
+    *,
+    session: Session,
+    store_id: str,
+    receipt_id: str,
+    sku: str,
+    consultation_id: str | None = None,
+    kind: str = "sale",
+) -> dict[str, Any]:
+    """What the till shows when a SKU is scanned: prompts, the flow status and promotions."""
+    master = session.get(Sku, sku)
+    prompts = []
+    for prompt in active_prompts(session=session).prompts:
+        if not prompt.trigger.matches(master, sku):
+            continue
+        if prompt.frequency == "once_per_receipt" and session.scalar(
+            select(PromptAnswer.event_id)
+            .where(
+                PromptAnswer.store_id == store_id,
+                PromptAnswer.receipt_id == receipt_id,
+                PromptAnswer.prompt_id == prompt.id,
+            )
+            .limit(1)
+        ):
+            continue
+        prompts.append(_prompt_json(prompt, kind))
+    flow = active_flow(session=session)
+    flow_json = None
+    if flow.controlled.matches(master, sku):
+        consultation = load_consultation(session, store_id, consultation_id, flow) if consultation_id else None
+        flow_json = flow_status(consultation_id, consultation, flow)
+    return {
+        "sku": sku,
+        "name": {"zh-CN": master.name_zh, "en": master.name_en} if master else None,
+        "prompts": prompts,
+        "flow": flow_json,
+        # Promotions reach the till with the promotions issue; the field is part of the contract now.
+        "promotions": [],
+    }
+
+
+def _store_event(session: Session, store_id: str, event: dict[str, Any]) -> EventResult:
+    (result,) = ingest_payloads([event], session=session, source="pos-api", allowed_store_id=store_id)
+    if result.status == "rejected":
+        raise CounterError(result.error or "rejected", 422)
+    return result
+
+
+def record_step(
+    *,
+    session: Session,
+    store_id: str,
+    terminal_id: str,
+    consultation_id: str,
+    step: str,
+    status: str,
+    staff_id: str | None = None,
+    skip_reason: str | None = None,
+    data: dict[str, Any] | None = None,
+    customer: dict[str, Any] | None = None,
+    event_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> dict[str, Any]:
+    """Record one step in order; returns the event result and the flow status after it."""
+    flow = active_flow(session=session)
+    consultation = load_consultation(session, store_id, consultation_id, flow)
+    try:
+        consultation.check_next(step, status, skip_reason=skip_reason, data=data)
+    except StepRefused as exc:
+        code = 409 if str(exc).startswith("step:") and "before" in str(exc) else 422
+        raise CounterError(
+            str(exc), code, {"error": str(exc), "flow": flow_status(consultation_id, consultation, flow)}
+        ) from None
+    at = occurred_at or datetime.now(UTC)
+    step_event_id = event_id or f"pos-{uuid.uuid4().hex}"
+    event: dict[str, Any] = {
+        "type": "consultation_step",
+        "event_id": step_event_id,
+        "store_id": store_id,
+        "terminal_id": terminal_id,
+        "consultation_id": consultation_id,
+        "occurred_at": at.isoformat(),
+        "staff_id": staff_id,
+        "customer": customer,
+        "step": step,
+        "status": status,
+        "skip_reason": skip_reason,
+        "data": data,
+    }
+    result = _store_event(session, store_id, event)
+    consultation.record(StepRecord(step, status, at, staff_id, skip_reason, data, step_event_id))
+    return {
+        "event_id": step_event_id,
+        "status": result.status,
+        "flow": flow_status(consultation_id, consultation, flow),
+    }
+
+
+def record_prompt_answer(
+    *,
+    session: Session,
+    store_id: str,
+    terminal_id: str,
+    receipt_id: str,
+    sku: str,
+    prompt_id: str,
+    answer: str,
+    staff_id: str | None = None,
+    event_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> dict[str, Any]:
+    prompt = next((p for p in active_prompts(session=session).prompts if p.id == prompt_id), None)
+    if prompt is None:
+        raise CounterError(f"prompt_id: unknown prompt {prompt_id!r}", 422)
+    problem = prompt.answer_problem(answer)
+    if problem:
+        raise CounterError(problem, 422)
+    event = {
+        "type": "prompt_answer",
+        "event_id": event_id or f"pos-{uuid.uuid4().hex}",
+        "store_id": store_id,
+        "terminal_id": terminal_id,
+        "receipt_id": receipt_id,
+        "sku": sku,
+        "prompt_id": prompt_id,
+        "answer": answer,
+        "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(),
+        "staff_id": staff_id,
+    }
+    result = _store_event(session, store_id, event)
+    return {"event_id": event["event_id"], "status": result.status}
+
+
+@dataclass(frozen=True)
+class CheckoutDecision:
+    allowed: bool
+    missing: list[dict[str, Any]]
+    message: dict[str, str] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"allowed": self.allowed}
+        if not self.allowed:
+            body.update(missing=self.missing, message=self.message)
+        return body
+
+
+def checkout(*, session: Session, store_id: str, consultation_id: str | None, skus: list[str]) -> CheckoutDecision:
+    """Allowed unless a flow-controlled SKU's consultation still has steps neither done nor skipped."""
+    flow = active_flow(session=session)
+    controlled = [s for s in dict.fromkeys(skus) if s in flow_controlled_skus(session=session, flow=flow)]
+    if not controlled:
+        return CheckoutDecision(True, [], None)
+    consultation = load_consultation(session, store_id, consultation_id, flow) if consultation_id else None
+    missing_steps = consultation.missing if consultation else flow.required_steps
+    if not missing_steps:
+        return CheckoutDecision(True, [], None)
+    names = skus_by_code(session, controlled)
+    missing = [{"step": step, "skus": controlled} for step in missing_steps]
+    steps_zh = "、".join(flow.step(s).name.zh_cn for s in missing_steps)  # type: ignore[union-attr]
+    steps_en = ", ".join(flow.step(s).name.en for s in missing_steps)  # type: ignore[union-attr]
+    items_zh = "、".join(names[s].name_zh if s in names else s for s in controlled)
+    items_en = ", ".join(names[s].name_en if s in names else s for s in controlled)
+    message = {
+        "zh-CN": f"暂不能结账：{items_zh} 需要先完成或跳过（选择原因）以下步骤：{steps_zh}。",
+        "en": f"Checkout on hold: {items_en} need these steps done or skipped with a reason first: {steps_en}.",
+    }
+    return CheckoutDecision(False, missing, message)
+
+
+def trace(*, session: Session, store_id: str, receipt_id: str) -> dict[str, Any] | None:
+    """A sale followed back to the first contact: consultation steps, prompt answers, lines."""
+    receipt = session.scalars(
+        select(Receipt)
+        .where(Receipt.store_id == store_id, Receipt.receipt_id == receipt_id)
+        .order_by(Receipt.occurred_at)
+    ).first()
+    if receipt is None:
+        return None
+    lines = session.scalars(
+        select(ReceiptLine)
+        .where(ReceiptLine.event_id == receipt.event_id, ReceiptLine.occurred_at == receipt.occurred_at)
+        .order_by(ReceiptLine.line_no)
+    ).all()
+    names = skus_by_code(session, [line.sku for line in lines])
+    answers = session.scalars(
+        select(PromptAnswer)
+        .where(PromptAnswer.store_id == store_id, PromptAnswer.receipt_id == receipt_id)
+        .order_by(PromptAnswer.occurred_at)
+    ).all()
+    consultation_json = None
+    if receipt.consultation_id:
+        flow = active_flow(session=session)
+        rows = session.scalars(
+            select(ConsultationStep)
+            .where(ConsultationStep.store_id == store_id, ConsultationStep.consultation_id == receipt.consultation_id)
+            .order_by(ConsultationStep.occurred_at)
+        ).all()
+        consultation = Consultation.of(
+            flow,
+            [StepRecord(r.step, r.status, r.occurred_at, r.staff_id, r.skip_reason, r.data, r.event_id) for r in rows],
+        )
+        effective_ids = {r.event_id for r in consultation.effective.values()}
+        customer = next((r for r in rows if r.customer_name or r.member_id), None)
+        first = consultation.first_contact
+        consultation_json = {
+            "consultation_id": receipt.consultation_id,
+            "first_contact": {"at": first.occurred_at.isoformat(), "staff_id": first.staff_id, "step": first.step}
+            if first
+            else None,
+            "customer": {"member_id": customer.member_id, "name": mask_name(customer.customer_name)}
+            if customer
+            else None,
+            "steps": [
+                {
+                    "step": r.step,
+                    "status": r.status,
+                    "at": r.occurred_at.isoformat(),
+                    "staff_id": r.staff_id,
+                    "skip_reason": r.skip_reason,
+                    "data": r.data,
+                    "event_id": r.event_id,
+                    "superseded": r.event_id not in effective_ids,
+                }
+                for r in rows
+            ],
+            **consultation.status(),
+            "out_of_order": consultation.out_of_order,
+        }
+    violation = session.scalars(
+        select(ComplianceViolation).where(ComplianceViolation.receipt_event_id == receipt.event_id)
+    ).first()
+    return {
+        "receipt": {
+            "receipt_id": receipt.receipt_id,
+            "event_id": receipt.event_id,
+            "store_id": receipt.store_id,
+            "terminal_id": receipt.terminal_id,
+            "at": receipt.occurred_at.isoformat(),
+            "kind": receipt.kind,
+            "staff_id": receipt.staff_id,
+            "member_id": receipt.member_id,
+            "total": str(receipt.total),
+            "lines": [
+                {
+                    "line_no": line.line_no,
+                    "sku": line.sku,
+                    "name": {"zh-CN": names[line.sku].name_zh, "en": names[line.sku].name_en}
+                    if line.sku in names
+                    else None,
+                    "qty": str(line.qty),
+                    "unit_price": str(line.unit_price),
+                    "amount": str(line.amount),
+                    "promotion_id": line.promotion_id,
+                }
+                for line in lines
+            ],
+        },
+        "consultation": consultation_json,
+        "prompt_answers": [
+            {
+                "sku": a.sku,
+                "prompt_id": a.prompt_id,
+                "answer": a.answer,
+                "at": a.occurred_at.isoformat(),
+                "staff_id": a.staff_id,
+            }
+            for a in answers
+        ],
+        "violation": {
+            "missing_steps": violation.missing_steps,
+            "out_of_order": violation.out_of_order,
+            "detected_at": violation.detected_at.isoformat(),
+            "resolved_at": violation.resolved_at.isoformat() if violation.resolved_at else None,
+        }
+        if violation
+        else None,
+    }
