@@ -37,7 +37,9 @@ def check_accepted_events(session: Session, events: Sequence[Event]) -> None:
 
 def record_violations(session: Session, sales: Sequence[ReceiptEvent]) -> int:
     flow = active_flow(session=session)
-    controlled = flow_controlled_skus(session=session, flow=flow)
+    controlled = flow_controlled_skus(
+        session=session, flow=flow, among={line.sku for sale in sales for line in sale.lines}
+    )
     flagged = [(sale, [line.sku for line in sale.lines if line.sku in controlled]) for sale in sales]
     flagged = [(sale, skus) for sale, skus in flagged if skus]
     if not flagged:

@@ -251,7 +251,8 @@ class CheckoutDecision:
 def checkout(*, session: Session, store_id: str, consultation_id: str | None, skus: list[str]) -> CheckoutDecision:
     """Allowed unless a flow-controlled SKU's consultation still has steps neither done nor skipped."""
     flow = active_flow(session=session)
-    controlled = [s for s in dict.fromkeys(skus) if s in flow_controlled_skus(session=session, flow=flow)]
+    controlled_codes = flow_controlled_skus(session=session, flow=flow, among=skus)
+    controlled = [s for s in dict.fromkeys(skus) if s in controlled_codes]
     if not controlled:
         return CheckoutDecision(True, [], None)
     consultation = load_consultation(session, store_id, consultation_id, flow) if consultation_id else None

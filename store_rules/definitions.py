@@ -263,11 +263,23 @@ def active_prompts(*, session: Session) -> PromptSet:
     return definition
 
 
-def flow_controlled_skus(*, session: Session, flow: FlowDefinition | None = None) -> set[str]:
-    """SKU codes the active flow controls (master-data flags, categories and explicit SKUs)."""
+def flow_controlled_skus(
+    *, session: Session, flow: FlowDefinition | None = None, among: Iterable[str] | None = None
+) -> set[str]:
+    """SKU codes the active flow controls (master-data flags, categories, explicit SKUs).
+
+    With `among`, only those codes are looked up: the till and the ingest hook ask about the
+    few SKUs of one sale or batch, not the whole catalogue.
+    """
     flow = flow or active_flow(session=session)
-    codes = set(flow.controlled.skus)
-    for sku in session.scalars(select(Sku)):
+    query = select(Sku)
+    if among is not None:
+        wanted = set(among)
+        query = query.where(Sku.sku.in_(wanted))
+        codes = {code for code in flow.controlled.skus if code in wanted}
+    else:
+        codes = set(flow.controlled.skus)
+    for sku in session.scalars(query):
         if flow.controlled.matches(sku, sku.sku):
             codes.add(sku.sku)
     return codes
