@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ingest.contract import ConsultationStepEvent, Event, ReceiptEvent
 from ingest.hooks import register_accepted_hook
-from store_rules.counter import records_by_consultation
+from store_rules.counter import step_records
 from store_rules.definitions import active_flow, flow_controlled_skus
 from store_rules.flow import Consultation
 from store_rules.models import ComplianceViolation
@@ -46,15 +46,9 @@ def record_violations(session: Session, sales: Sequence[ReceiptEvent]) -> int:
         return 0
     rows = []
     now = datetime.now(UTC)
-    by_store: dict[str, list[str]] = {}
-    for sale, _ in flagged:
-        if sale.consultation_id:
-            by_store.setdefault(sale.store_id, []).append(sale.consultation_id)
-    records = {
-        (store, cid): recs
-        for store, ids in by_store.items()
-        for cid, recs in records_by_consultation(session, store, ids).items()
-    }
+    records = step_records(
+        session, [(sale.store_id, sale.consultation_id) for sale, _ in flagged if sale.consultation_id]
+    )
     for sale, skus in flagged:
         consultation = (
             Consultation.of(flow, records.get((sale.store_id, sale.consultation_id), []))
@@ -89,11 +83,12 @@ def recheck_open_violations(session: Session, steps: Sequence[ConsultationStepEv
     if not open_rows:
         return 0
     flow = active_flow(session=session)
+    records = step_records(session, [(v.store_id, v.consultation_id or "") for v in open_rows])
     now = datetime.now(UTC)
     resolved = 0
     for violation in open_rows:
-        records = records_by_consultation(session, violation.store_id, [violation.consultation_id or ""])
-        consultation = Consultation.of(flow, records.get(violation.consultation_id or "", []))
+        key = (violation.store_id, violation.consultation_id or "")
+        consultation = Consultation.of(flow, records.get(key, []))
         violation.out_of_order = consultation.out_of_order
         if consultation.complete:
             # The original missing steps stay on record: the sale did go through without them.

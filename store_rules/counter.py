@@ -50,32 +50,27 @@ def mask_name(name: str | None) -> str | None:
     return name[0] + "*" * (len(name) - 2) + name[-1]
 
 
-def records_by_consultation(
-    session: Session, store_id: str, consultation_ids: Iterable[str]
-) -> dict[str, list[StepRecord]]:
-    ids = set(consultation_ids)
-    if not ids:
+def step_records(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[StepRecord]]:
+    """Step records of several consultations, keyed by (store_id, consultation_id), in one query."""
+    wanted = set(keys)
+    if not wanted:
         return {}
     rows = session.execute(
         select(
-            ConsultationStep.consultation_id,
-            ConsultationStep.step,
-            ConsultationStep.status,
-            ConsultationStep.occurred_at,
-            ConsultationStep.staff_id,
-            ConsultationStep.skip_reason,
-            ConsultationStep.data,
-            ConsultationStep.event_id,
-        ).where(ConsultationStep.store_id == store_id, ConsultationStep.consultation_id.in_(ids))
-    )
-    grouped: dict[str, list[StepRecord]] = {i: [] for i in ids}
-    for cid, step, status, at, staff, reason, data, event_id in rows:
-        grouped[cid].append(StepRecord(step, status, at, staff, reason, data, event_id))
+            ConsultationStep.store_id, ConsultationStep.consultation_id, ConsultationStep.step,
+            ConsultationStep.status, ConsultationStep.occurred_at, ConsultationStep.staff_id,
+            ConsultationStep.skip_reason, ConsultationStep.data, ConsultationStep.event_id,
+        ).where(ConsultationStep.consultation_id.in_({cid for _, cid in wanted}))
+    )  # fmt: skip
+    grouped: dict[tuple[str, str], list[StepRecord]] = {key: [] for key in wanted}
+    for store_id, cid, step, status, at, staff, reason, data, event_id in rows:
+        if (store_id, cid) in grouped:
+            grouped[(store_id, cid)].append(StepRecord(step, status, at, staff, reason, data, event_id))
     return grouped
 
 
 def load_consultation(session: Session, store_id: str, consultation_id: str, flow: FlowDefinition) -> Consultation:
-    records = records_by_consultation(session, store_id, [consultation_id])[consultation_id]
+    records = step_records(session, [(store_id, consultation_id)])[(store_id, consultation_id)]
     return Consultation.of(flow, records)
 
 
