@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,6 +23,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from ingest.models import Footfall, Member, Receipt, ReceiptLine, Region, Sku, Staff, Store
+from ingest.timeseries import business_window
 
 ZERO = Decimal("0.00")
 CENT = Decimal("0.01")
@@ -39,14 +40,6 @@ def zone(name: str | None) -> ZoneInfo:
         return ZoneInfo(name or "Asia/Shanghai")
     except (ZoneInfoNotFoundError, ValueError):
         return ZoneInfo("Asia/Shanghai")
-
-
-def business_window(day: date, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of a local business day, in UTC (a DST day is 23 or 25 hours long)."""
-    start = datetime(day.year, day.month, day.day, tzinfo=tz)
-    following = day + timedelta(days=1)
-    end = datetime(following.year, following.month, following.day, tzinfo=tz)
-    return start.astimezone(UTC), end.astimezone(UTC)
 
 
 @dataclass

@@ -12,6 +12,8 @@ Every table carries a (store_id, occurred_at) index: the dashboards always filte
 from __future__ import annotations
 
 import logging
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
@@ -69,3 +71,11 @@ def hypertables(session: Session) -> dict[str, str]:
         )
     )
     return {name: interval for name, interval in rows}
+
+
+def business_window(day: date, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """[start, end) of a local business day, in UTC (a DST day is 23 or 25 hours long)."""
+    following = day + timedelta(days=1)
+    start = datetime(day.year, day.month, day.day, tzinfo=tz)
+    end = datetime(following.year, following.month, following.day, tzinfo=tz)
+    return start.astimezone(UTC), end.astimezone(UTC)

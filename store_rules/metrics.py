@@ -53,7 +53,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -62,6 +62,7 @@ from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from ingest.models import ConsultationStep, Footfall, PromptAnswer, Receipt, ReceiptLine, Store
+from ingest.timeseries import business_window
 from store_rules.definitions import FlowDefinition, active_flow, flow_controlled_skus
 from store_rules.flow import Consultation, StepRecord
 
@@ -170,14 +171,6 @@ class DayMetrics:
 
 
 # --- business days -------------------------------------------------------------------------
-
-
-def business_window(day: date, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of a local business day, in UTC (a DST day is 23 or 25 hours long)."""
-    following = day + timedelta(days=1)
-    start = datetime(day.year, day.month, day.day, tzinfo=tz)
-    end = datetime(following.year, following.month, following.day, tzinfo=tz)
-    return start.astimezone(UTC), end.astimezone(UTC)
 
 
 def _merge(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
