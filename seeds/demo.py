@@ -1,13 +1,16 @@
 """`storepulse demo`: a fresh database, the demo chain, history, a live trickle and the app.
 
 Everything goes through the real paths: Alembic migrations, the master-data importer, the
-ingest service for history, and for the live trickle the public HTTP API with one device
-token per store, exactly as a till would post.
+flow and prompt definitions of seeds/config/ loaded as versions, the ingest service (with
+the compliance check) for history, and for the live trickle the public HTTP API with one
+device token per store, exactly as a till would post. A few tills (`POS_TILLS`) ring their
+sales up through the POS API instead: scans, prompts, the five steps, the checkout gate.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import sys
 import threading
@@ -27,11 +30,15 @@ from ingest.masterdata import IMPORT_ORDER, ImportReport, import_file
 from ingest.migrate import upgrade
 from ingest.settings import get_settings
 from ingest.tokens import create_token
-from seeds.simulator import DEMO_CHAIN_DIR, Chain, HistoryReport, LiveFeed, load_chain, load_history
+from seeds.pos_till import PosError, PosTill
+from seeds.simulator import DEMO_CHAIN_DIR, SEED, Chain, HistoryReport, LiveFeed, load_chain, load_history
+from store_rules import compliance
+from store_rules.definitions import CONFIG_DIR, load_config_dir
 
 log = logging.getLogger(__name__)
 
 LIVE_STORES = ("S001", "S002", "S005", "S009")  # one or two per region, S001 always
+POS_TILLS = (("S001", "T1"), ("S005", "T1"))  # tills that sell through the POS API; the others post receipts
 TOKEN_NAME = "demo-simulator"
 
 
@@ -51,6 +58,7 @@ class PreparedDemo:
     tokens: dict[str, str]  # store_id → device token, kept in memory for the live feed only
     history: HistoryReport
     imported: list[ImportReport]
+    definitions: list[tuple[str, int, bool]]  # (kind, version, created) of the flow and prompt definitions
 
 
 def default_database_url() -> str:
@@ -93,7 +101,7 @@ def prepare(
     fresh: bool = True,
     echo: Callable[[str], None] = print,
 ) -> PreparedDemo:
-    """Migrate, import the demo chain, load history up to ``now`` and create device tokens."""
+    """Migrate, import the demo chain and the definitions, load history up to ``now``, create device tokens."""
     url = database_url or default_database_url()
     if fresh:
         reset_sqlite(url)
@@ -103,6 +111,16 @@ def prepare(
     imported = import_demo_chain(engine)
     chain = load_chain()
     echo("demo chain: " + ", ".join(f"{r.rows} {r.kind}" for r in imported) + f" (from {DEMO_CHAIN_DIR})")
+    with session_scope(engine) as session:
+        definitions = load_config_dir(session=session)
+    echo(
+        "definitions: "
+        + ", ".join(
+            f"{kind} v{version}" + ("" if created else " (unchanged)") for kind, version, created in definitions
+        )
+        + f" (from {CONFIG_DIR})"
+    )
+    compliance.install()  # history goes through the same ingest hook as the tills' events
     echo(f"simulating {days} days of history and today so far for {len(chain.stores)} stores ...")
     history = load_history(engine, chain, days=days, now=now)
     echo(
@@ -116,13 +134,36 @@ def prepare(
         for store in chain.stores:
             tokens[store.store_id] = create_token(session=session, store_id=store.store_id, name=TOKEN_NAME).token
     echo(f"device tokens: {len(tokens)} created (one per store, kept in memory for the live feed)")
-    return PreparedDemo(url=url, engine=engine, chain=chain, tokens=tokens, history=history, imported=imported)
+    return PreparedDemo(
+        url=url, engine=engine, chain=chain, tokens=tokens, history=history, imported=imported, definitions=definitions
+    )
+
+
+def pos_tills(
+    base_url: str, chain: Chain, tokens: dict[str, str], start: datetime, tills: tuple[tuple[str, str], ...] = POS_TILLS
+) -> dict[tuple[str, str], PosTill]:
+    """A `PosTill` per (store, terminal) that exists and has a token, each with its own seeded random."""
+    out: dict[tuple[str, str], PosTill] = {}
+    for store_id, terminal_id in tills:
+        if store_id not in tokens or terminal_id not in chain.store(store_id).terminals:
+            continue
+        rng = random.Random(f"{SEED}:pos:{store_id}:{terminal_id}:{start.isoformat()}")
+        out[store_id, terminal_id] = PosTill(base_url, tokens[store_id], chain, store_id, terminal_id, rng=rng)
+    return out
 
 
 def post_live_events(
-    client: httpx.Client, feed: LiveFeed, tokens: dict[str, str], now: datetime | None = None
+    client: httpx.Client,
+    feed: LiveFeed,
+    tokens: dict[str, str],
+    now: datetime | None = None,
+    tills: dict[tuple[str, str], PosTill] | None = None,
 ) -> dict[str, int]:
-    """Post everything the feed has up to ``now`` through ``POST /api/v1/events``; counts per status."""
+    """Post everything the feed has up to ``now`` through ``POST /api/v1/events``; counts per status.
+
+    The sales the feed set aside for POS-driven tills are then rung up by those ``tills``
+    (counted as `pos_sales`, and `pos_blocked` for checkouts refused first).
+    """
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
     for store_id, events in feed.events_until(now or datetime.now(UTC)).items():
         response = client.post(
@@ -133,6 +174,18 @@ def post_live_events(
             counts[result["status"]] = counts.get(result["status"], 0) + 1
             if result["status"] == "rejected":
                 log.warning("live event %s rejected: %s", result["event_id"], result["error"])
+    for pending in feed.take_pos_sales():
+        till = (tills or {}).get((pending.store_id, pending.sale.terminal))
+        if till is None:
+            raise KeyError(f"no POS till {pending.store_id} {pending.sale.terminal} for the feed's pos_terminals")
+        try:
+            sold = till.sell(pending.sale, pending.consultation_id)
+        except PosError as exc:
+            log.warning("POS till %s %s: %s", pending.store_id, pending.sale.terminal, exc)
+            continue
+        counts[sold.receipt_status] = counts.get(sold.receipt_status, 0) + 1
+        counts["pos_sales"] = counts.get("pos_sales", 0) + 1
+        counts["pos_blocked"] = counts.get("pos_blocked", 0) + (sold.blocked is not None)
     return counts
 
 
@@ -143,15 +196,20 @@ def live_loop(
     stop: threading.Event,
     *,
     interval_s: float = 1.0,
+    tills: dict[tuple[str, str], PosTill] | None = None,
 ) -> None:
     """Post the live trickle once a second until ``stop`` is set; survives a failing request."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the console
-    with httpx.Client(base_url=base_url, timeout=10.0) as client:
-        while not stop.wait(interval_s):
-            try:
-                post_live_events(client, feed, tokens)
-            except (httpx.HTTPError, KeyError, ValueError) as exc:
-                log.warning("live feed: %s", exc)
+    try:
+        with httpx.Client(base_url=base_url, timeout=10.0) as client:
+            while not stop.wait(interval_s):
+                try:
+                    post_live_events(client, feed, tokens, tills=tills)
+                except (httpx.HTTPError, KeyError, ValueError) as exc:
+                    log.warning("live feed: %s", exc)
+    finally:
+        for till in (tills or {}).values():
+            till.close()
 
 
 def _display_host(host: str) -> str:
@@ -226,9 +284,21 @@ def _companion(
         say("live feed off (--no-live); press Ctrl-C to stop")
         return
     stores = [s for s in LIVE_STORES if s in prepared.tokens] or sorted(prepared.tokens)[:4]
-    feed = LiveFeed(prepared.chain, stores, start=datetime.now(UTC))
+    start = datetime.now(UTC)
+    base_url = url.rstrip("/")
+    wanted = tuple((store_id, terminal_id) for store_id, terminal_id in POS_TILLS if store_id in stores)
+    tills = pos_tills(base_url, prepared.chain, prepared.tokens, start, wanted)
+    pos_terminals: dict[str, list[str]] = {}
+    for store_id, terminal_id in tills:
+        pos_terminals.setdefault(store_id, []).append(terminal_id)
+    feed = LiveFeed(prepared.chain, stores, start=start, pos_terminals=pos_terminals)
+    if tills:
+        say(
+            f"POS tills: {', '.join(f'{s} {t}' for s, t in tills)} ring their sales up through /api/v1/pos "
+            "(scan, prompts, steps, checkout); checkouts refused first are logged"
+        )
     say(f"live feed: stores {', '.join(stores)} post to /api/v1/events every second; press Ctrl-C to stop")
-    live_loop(url.rstrip("/"), feed, prepared.tokens, stop)
+    live_loop(base_url, feed, prepared.tokens, stop, tills=tills)
 
 
 def main() -> None:  # pragma: no cover - `python -m seeds.demo` for a quick try without the CLI

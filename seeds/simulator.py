@@ -9,7 +9,9 @@ counter flow for every sale with a flow-controlled SKU, a scan-time prompt answe
 prompt-triggering SKU (参松养心胶囊) is sold, and a stock snapshot per SKU before opening.
 
 `LiveFeed` produces an accelerated trickle "now" for the demo: a receipt every few seconds
-for a few stores and 15-second footfall counts scaled to the store's conversion.
+for a few stores and 15-second footfall counts scaled to the store's conversion. Sales that
+fall on a POS-driven till are handed to `seeds.pos_till.PosTill` instead, which rings them up
+through the POS API (scan, prompts, the five steps, the checkout gate).
 
 `load_history` writes days of history through `ingest.service.ingest_payloads`, one
 store-day per call, exactly like any other source.
@@ -23,7 +25,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -48,7 +50,7 @@ STOCK_SNAPSHOT_AT = (7, 30)  # local time of the daily stock snapshot, before op
 PROMPT_ID = "recommendation_source"
 PROMPT_ANSWERS = (("doctor", 50), ("referral", 30), ("poster", 20))  # 医生推荐 / 老客转介 / 海报引导
 PROMPT_ANSWER_VALUES = [answer for answer, _ in PROMPT_ANSWERS]
-PROMPT_ANSWER_WEIGHTS = [weight for _, weight in PROMPT_ANSWERS]
+PROMPT_MIX: tuple[int, ...] = tuple(weight for _, weight in PROMPT_ANSWERS)
 
 # Relative traffic per local hour: a pharmacy peaks in the morning and after work.
 HOURLY_TRAFFIC: dict[int, float] = {
@@ -78,12 +80,14 @@ GUIDANCE: dict[str, tuple[str, ...]] = {
     "cough": ("每日3次，每次2片，服药期间忌辛辣", "多饮温水，症状3天无好转请就医"),
     "diabetes": ("随餐服用，定期监测血糖", "注意低血糖反应，随身携带糖果"),
 }
+# Skip reasons are the listed ones of seeds/config/counter_flow.yaml (by their zh-CN label), free
+# text only as "other: …": the POS API refuses anything else.
 SKIP_REASONS: dict[str, tuple[str, ...]] = {
     "consultation": ("顾客拒绝",),
     "symptoms": ("顾客拒绝", "复购老方"),
-    "recommendation": ("复购老方", "医生处方指定"),
-    "insurance_check": ("自费购买",),
-    "guidance": ("复购老方", "顾客赶时间"),
+    "recommendation": ("复购老方", "other: 医生处方指定"),
+    "insurance_check": ("自费不走医保",),
+    "guidance": ("复购老方", "other: 顾客赶时间"),
 }
 # Probability that a step is skipped, before the store's diligence factor.
 SKIP_RATE: dict[str, float] = {
@@ -148,11 +152,14 @@ class Profile:
     conversion: float  # sale receipts / visitors
     insurance_pass: float  # pass / (pass + fail)
     skip_factor: float = 1.0  # multiplies SKIP_RATE: > 1 means a sloppier counter flow
+    # How staff answer 推荐话术来源 (doctor / referral / poster), relative weights.
+    prompt_mix: tuple[int, ...] = PROMPT_MIX
 
 
 PROFILES: dict[str, Profile] = {
     # 温州鹿城店: busy, but insurance verification fails far too often (the pass-rate watch fires).
-    "S001": Profile(560, 0.27, 0.55, 1.8),
+    # Its staff also lean on the poster rather than on the doctor's recommendation.
+    "S001": Profile(560, 0.27, 0.55, 1.8, prompt_mix=(32, 23, 45)),
     "S002": Profile(720, 0.31, 0.90, 0.8),
     "S003": Profile(480, 0.29, 0.86, 1.0),
     "S004": Profile(420, 0.25, 0.82, 1.2),
@@ -302,7 +309,7 @@ def _split(rng: random.Random, total: int, shares: Sequence[float]) -> list[int]
 
 
 @dataclass
-class _Consultation:
+class PlannedConsultation:
     pharmacist: StaffInfo | None
     customer: dict[str, Any]
     skips: dict[str, str]
@@ -310,18 +317,18 @@ class _Consultation:
 
 
 @dataclass
-class _Sale:
+class Sale:
     at: datetime
     kind: str
     terminal: str
     staff: StaffInfo | None
     member: MemberInfo | None
     lines: list[tuple[SkuInfo, int]]
-    consultation: _Consultation | None = None
+    consultation: PlannedConsultation | None = None
     receipt_id: str = ""
 
 
-class _Counter:
+class StoreCounter:
     """Draws baskets, customers and counter flows for one store."""
 
     def __init__(self, chain: Chain, store: StoreInfo, rng: random.Random) -> None:
@@ -358,11 +365,11 @@ class _Counter:
             chosen[sku.sku] = (sku, qty)
         return list(chosen.values())
 
-    def sale(self, at: datetime) -> _Sale:
+    def sale(self, at: datetime) -> Sale:
         lines = self._basket()
         flow = any(sku.flow_controlled for sku, _ in lines)
         member = self._member(0.7 if flow else 0.45)
-        sale = _Sale(
+        sale = Sale(
             at=at,
             kind="sale",
             terminal=self.rng.choices(self.store.terminals, weights=self.terminal_weights)[0],
@@ -371,18 +378,18 @@ class _Counter:
             lines=lines,
         )
         if flow:
-            sale.consultation = self._consultation(member)
+            sale.consultation = self.plan_consultation(member)
             if sale.consultation.pharmacist is not None:
                 sale.staff = sale.consultation.pharmacist
         return sale
 
-    def refund(self, at: datetime) -> _Sale:
+    def refund(self, at: datetime) -> Sale:
         size = 1 if self.rng.random() < 0.8 else 2
         lines: dict[str, tuple[SkuInfo, int]] = {}
         while len(lines) < size:
             sku = self.rng.choices(self.skus, cum_weights=self.sku_cum_weights)[0]
             lines[sku.sku] = (sku, -1)
-        return _Sale(
+        return Sale(
             at=at,
             kind="return",
             terminal=self.store.terminals[0],
@@ -391,7 +398,8 @@ class _Counter:
             lines=list(lines.values()),
         )
 
-    def _consultation(self, member: MemberInfo | None) -> _Consultation:
+    def plan_consultation(self, member: MemberInfo | None) -> PlannedConsultation:
+        """Who runs the five steps, for whom, and which steps get skipped (with a listed reason)."""
         if member is not None:
             customer: dict[str, Any] = {"member_id": member.member_id, "name": member.name}
         else:
@@ -400,7 +408,7 @@ class _Counter:
         for step in STEPS:
             if self.rng.random() < SKIP_RATE[step] * self.profile.skip_factor:
                 skips[step] = self.rng.choice(SKIP_REASONS[step])
-        return _Consultation(
+        return PlannedConsultation(
             pharmacist=self.rng.choice(self.pharmacists) if self.pharmacists else None,
             customer=customer,
             skips=skips,
@@ -409,9 +417,14 @@ class _Counter:
     def insurance_result(self) -> str:
         return "pass" if self.rng.random() < self.profile.insurance_pass else "fail"
 
+    def prompt_answer(self, options: Sequence[str]) -> str:
+        """One answer among ``options``, drawn with the store's usual mix (`Profile.prompt_mix`)."""
+        mix = dict(zip(PROMPT_ANSWER_VALUES, self.profile.prompt_mix, strict=True))
+        return self.rng.choices(list(options), weights=[mix.get(option, 10) for option in options])[0]
+
     # -- events -----------------------------------------------------------------------------
 
-    def events(self, sale: _Sale, consultation_id: str) -> list[Event]:
+    def events(self, sale: Sale, consultation_id: str) -> list[Event]:
         store_id = self.store.store_id
         rng = self.rng
         events: list[Event] = []
@@ -426,7 +439,7 @@ class _Counter:
                 reason = consultation.skips.get(step)
                 data: dict[str, Any] | None = None
                 if reason is None:
-                    data = self._step_data(step, category, flow_skus, consultation)
+                    data = self.step_data(step, category, [sku.sku for sku in flow_skus], consultation)
                 events.append(
                     {
                         "type": "consultation_step",
@@ -443,7 +456,29 @@ class _Counter:
                         "data": data,
                     }
                 )
-        receipt_event_id = f"{store_id}-{sale.terminal}-{sale.receipt_id}"
+        receipt = self.receipt_event(sale, consultation_id if consultation is not None else None)
+        for line_no, (sku, _) in enumerate(sale.lines, start=1):
+            if sale.kind == "sale" and sku.prompt_triggering:
+                events.append(
+                    {
+                        "type": "prompt_answer",
+                        "event_id": f"{receipt['event_id']}-P{line_no}",
+                        "store_id": store_id,
+                        "terminal_id": sale.terminal,
+                        "receipt_id": sale.receipt_id,
+                        "sku": sku.sku,
+                        "prompt_id": PROMPT_ID,
+                        "answer": self.prompt_answer(PROMPT_ANSWER_VALUES),
+                        "occurred_at": rfc3339(sale.at - timedelta(seconds=rng.uniform(5, 40))),
+                        "staff_id": staff_id,
+                    }
+                )
+        events.append(receipt)
+        return events
+
+    def receipt_event(self, sale: Sale, consultation_id: str | None) -> Event:
+        """The `receipt` event of a sale or return: lines at the master-data price, total = sum of amounts."""
+        store_id = self.store.store_id
         lines = []
         total = Decimal("0.00")
         for line_no, (sku, qty) in enumerate(sale.lines, start=1):
@@ -459,42 +494,25 @@ class _Counter:
                     "promotion_id": None,
                 }
             )
-            if sale.kind == "sale" and sku.prompt_triggering:
-                events.append(
-                    {
-                        "type": "prompt_answer",
-                        "event_id": f"{receipt_event_id}-P{line_no}",
-                        "store_id": store_id,
-                        "terminal_id": sale.terminal,
-                        "receipt_id": sale.receipt_id,
-                        "sku": sku.sku,
-                        "prompt_id": PROMPT_ID,
-                        "answer": rng.choices(PROMPT_ANSWER_VALUES, weights=PROMPT_ANSWER_WEIGHTS)[0],
-                        "occurred_at": rfc3339(sale.at - timedelta(seconds=rng.uniform(5, 40))),
-                        "staff_id": staff_id,
-                    }
-                )
-        events.append(
-            {
-                "type": "receipt",
-                "event_id": receipt_event_id,
-                "store_id": store_id,
-                "terminal_id": sale.terminal,
-                "receipt_id": sale.receipt_id,
-                "occurred_at": rfc3339(sale.at),
-                "kind": sale.kind,
-                "staff_id": staff_id,
-                "member_id": sale.member.member_id if sale.member else None,
-                "consultation_id": consultation_id if consultation is not None else None,
-                "lines": lines,
-                "total": money(total),
-            }
-        )
-        return events
+        return {
+            "type": "receipt",
+            "event_id": f"{store_id}-{sale.terminal}-{sale.receipt_id}",
+            "store_id": store_id,
+            "terminal_id": sale.terminal,
+            "receipt_id": sale.receipt_id,
+            "occurred_at": rfc3339(sale.at),
+            "kind": sale.kind,
+            "staff_id": sale.staff.staff_id if sale.staff else None,
+            "member_id": sale.member.member_id if sale.member else None,
+            "consultation_id": consultation_id,
+            "lines": lines,
+            "total": money(total),
+        }
 
-    def _step_data(
-        self, step: str, category: str, flow_skus: list[SkuInfo], consultation: _Consultation
+    def step_data(
+        self, step: str, category: str, flow_skus: Sequence[str], consultation: PlannedConsultation
     ) -> dict[str, Any] | None:
+        """What a `done` step carries: symptom keywords, the recommended SKUs, pass / fail, guidance."""
         rng = self.rng
         if step == "consultation":
             return {"text": rng.choice(("询问病史及过敏史", "询问既往用药", "了解症状与持续时间"))}
@@ -503,7 +521,7 @@ class _Counter:
             keywords = rng.sample(pool, rng.randint(1, min(3, len(pool))))
             return {"text": "、".join(keywords) + rng.choice(SYMPTOM_DURATION), "keywords": keywords}
         if step == "recommendation":
-            return {"skus": [sku.sku for sku in flow_skus]}
+            return {"skus": list(flow_skus)}
         if step == "insurance_check":
             result = consultation.insurance or self.insurance_result()
             if result == "pass":
@@ -540,7 +558,7 @@ def simulate_day(
     tz = store.tz
     rng = random.Random(f"{seed}:{store_id}:{day.isoformat()}")
     profile = profile_of(store_id)
-    counter = _Counter(chain, store, rng)
+    counter = StoreCounter(chain, store, rng)
     stamp = f"{day:%Y%m%d}"
     events: list[Event] = []
 
@@ -730,10 +748,19 @@ def load_history(
 
 @dataclass
 class _LiveStore:
-    counter: _Counter
+    counter: StoreCounter
     next_receipt: datetime
     next_window: datetime
     seq: int = 0
+
+
+@dataclass(frozen=True)
+class PendingSale:
+    """A sale of the live feed that falls on a POS-driven till: rung up through the POS API, not posted."""
+
+    store_id: str
+    sale: Sale
+    consultation_id: str
 
 
 class LiveFeed:
@@ -743,6 +770,10 @@ class LiveFeed:
     160 % of it, so a page never waits long), and every ``footfall_every_s`` seconds a footfall
     count per sensor sized so that receipts / visitors stays at the store's conversion.
     Timestamps never run ahead of the ``now`` passed to `events_until`.
+
+    Sales that land on a till of ``pos_terminals`` (store → terminal ids) are not turned into
+    events: they wait in `take_pos_sales` for a `seeds.pos_till.PosTill` to ring them up
+    through the POS API, so the store's conversion stays the same whichever till sells.
     """
 
     def __init__(
@@ -754,6 +785,7 @@ class LiveFeed:
         seed: str = SEED,
         receipt_every_s: float = 5.0,
         footfall_every_s: int = 15,
+        pos_terminals: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         self.chain = chain
         self.receipt_every_s = receipt_every_s
@@ -761,11 +793,13 @@ class LiveFeed:
         self.rng = random.Random(f"{seed}:live:{start.isoformat()}")
         # Receipt numbers carry the feed's start so two runs against one database never collide.
         self.tag = f"{int(start.timestamp()) % 100_000:05d}"
+        self.pos_terminals = {store_id: frozenset(terminals) for store_id, terminals in (pos_terminals or {}).items()}
+        self._pos_sales: list[PendingSale] = []
         self.stores: dict[str, _LiveStore] = {}
         for store_id in store_ids:
             store = chain.store(store_id)
             self.stores[store_id] = _LiveStore(
-                counter=_Counter(chain, store, self.rng),
+                counter=StoreCounter(chain, store, self.rng),
                 next_receipt=start + timedelta(seconds=self._gap()),
                 next_window=start,
             )
@@ -803,9 +837,18 @@ class LiveFeed:
                 state.seq += 1
                 sale = counter.sale(at)
                 sale.receipt_id = f"{at:%Y%m%d}-L{self.tag}{state.seq:04d}"
-                events.extend(counter.events(sale, f"C-{store_id}-{sale.receipt_id}"))
+                consultation_id = f"C-{store_id}-{sale.receipt_id}"
+                if sale.terminal in self.pos_terminals.get(store_id, ()):
+                    self._pos_sales.append(PendingSale(store_id, sale, consultation_id))
+                else:
+                    events.extend(counter.events(sale, consultation_id))
                 state.next_receipt += timedelta(seconds=self._gap())
             if events:
                 events.sort(key=lambda e: e["occurred_at"])
                 out[store_id] = events
         return out
+
+    def take_pos_sales(self) -> list[PendingSale]:
+        """The sales for POS-driven tills drawn by `events_until` since the last call, oldest first."""
+        pending, self._pos_sales = self._pos_sales, []
+        return pending

@@ -12,6 +12,7 @@ import queue
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -28,11 +29,16 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import func, select
 
 from dashboard.app import create_app
 from dashboard.i18n import Translator, choose_language, from_accept_language
+from ingest.db import session_scope
+from ingest.models import ConsultationStep
 from ingest.settings import get_settings
 from seeds.demo import PreparedDemo, prepare
+from store_rules.definitions import active_flow, active_prompts, load_config_dir
+from store_rules.models import ComplianceViolation
 from tests.conftest import free_port
 
 TRANSACTIONS = re.compile(r'data-metric="transactions" data-value="(\d+)"')
@@ -51,6 +57,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
     url = f"sqlite:///{tmp_path_factory.mktemp('demo') / 'demo.db'}"
     prepared = prepare(url, days=1, echo=lambda _line: None)
     assert prepared.history.rejected == 0, prepared.history.errors
+    assert prepared.definitions == [("counter_flow", 1, True), ("prompts", 1, True)]
     settings = get_settings().model_copy(update={"database_url": url})
     port = free_port()
     server = uvicorn.Server(
@@ -71,6 +78,23 @@ def transactions(html: str) -> int:
     match = TRANSACTIONS.search(html)
     assert match, html[:500]
     return int(match.group(1))
+
+
+def test_the_flow_and_prompt_definitions_are_loaded_and_the_history_is_compliant(demo: RunningDemo) -> None:
+    with session_scope(demo.prepared.engine) as session:
+        assert active_flow(session=session).version == 1
+        assert [p.id for p in active_prompts(session=session).prompts] == ["recommendation_source"]
+        # Loading the unchanged files again keeps their versions.
+        assert load_config_dir(session=session) == [("counter_flow", 1, False), ("prompts", 1, False)]
+        # History went through the compliance hook: every flow-controlled sale has its five steps.
+        assert session.scalar(select(func.count()).select_from(ComplianceViolation)) == 0
+        reasons = set(session.scalars(select(ConsultationStep.skip_reason).where(ConsultationStep.status == "skipped")))
+        flow = active_flow(session=session)
+        assert reasons and all(flow.skip_reason_problem(reason) is None for reason in reasons), reasons
+    lines: list[str] = []
+    again = prepare(demo.prepared.url, days=0, fresh=False, echo=lines.append)
+    assert again.definitions == [("counter_flow", 1, False), ("prompts", 1, False)]
+    assert any(line.startswith("definitions: counter_flow v1 (unchanged), prompts v1 (unchanged)") for line in lines)
 
 
 def test_store_page_shows_the_store_and_today_s_numbers(demo: RunningDemo) -> None:
@@ -225,6 +249,22 @@ def test_storepulse_demo_command_serves_a_live_page_and_stops_on_sigterm(tmp_pat
         while transactions(httpx.get(url + "stores/S001/live").text) == first:
             assert time.monotonic() < deadline, "the live trickle did not change the transaction count in 20 s"
             time.sleep(1)
+
+        # The definitions were loaded, and the POS tills ring live sales up through the POS API.
+        assert any(line.startswith("definitions: counter_flow v1, prompts v1") for line in output), "".join(output)
+        assert any(line.startswith("POS tills: S001 T1, S005 T1 ") for line in output), "".join(output)
+        database = sqlite3.connect(tmp_path / "var" / "demo.db")
+        try:
+            deadline = time.monotonic() + 45
+            while not database.execute(
+                "SELECT count(*) FROM receipts WHERE terminal_id = 'T1' AND store_id IN ('S001', 'S005')"
+                " AND receipt_id LIKE '%-L%'"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "no live sale from a POS till in 45 s\n" + "".join(output)
+                time.sleep(1)
+        finally:
+            database.close()
+        assert not any("WARNING seeds." in line for line in output), "".join(output)  # nothing refused
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, "".join(output)
