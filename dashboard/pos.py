@@ -60,6 +60,7 @@ class CheckoutIn(BaseModel):
     receipt_id: str = Id
     consultation_id: str | None = Field(default=None, max_length=64)
     skus: list[str] = Field(min_length=1, max_length=1000)
+    kind: Literal["sale", "return"] = Field(default="sale", description="returns need no counter flow")
 
 
 def own_store(device: Device, store_id: str) -> None:
@@ -117,6 +118,8 @@ def pos_prompt_answer(body: PromptAnswerIn, request: Request, device: Device) ->
 def pos_checkout(body: CheckoutIn, request: Request, device: Device) -> dict[str, Any] | JSONResponse:
     """200 `{"allowed": true}`, or 409 with each missing step, the SKUs that need it and a message."""
     own_store(device, body.store_id)
+    if body.kind == "return":
+        return {"allowed": True}
     with session_scope(request.app.state.engine) as session:
         decision = counter.checkout(
             session=session, store_id=body.store_id, consultation_id=body.consultation_id, skus=body.skus
@@ -127,11 +130,16 @@ def pos_checkout(body: CheckoutIn, request: Request, device: Device) -> dict[str
 
 
 @router.get("/stores/{store_id}/receipts/{receipt_id}/trace")
-def receipt_trace(store_id: str, receipt_id: str, request: Request, device: Device) -> dict[str, Any]:
-    """A sale followed back to its first contact (customer names masked)."""
+def receipt_trace(
+    store_id: str, receipt_id: str, request: Request, device: Device, terminal_id: str | None = None
+) -> dict[str, Any]:
+    """A sale followed back to its first contact (customer names masked).
+
+    Receipt ids need only be unique per till: pass `terminal_id` when tills number independently.
+    """
     own_store(device, store_id)
     with session_scope(request.app.state.engine) as session:
-        found = counter.trace(session=session, store_id=store_id, receipt_id=receipt_id)
+        found = counter.trace(session=session, store_id=store_id, receipt_id=receipt_id, terminal_id=terminal_id)
     if found is None:
         raise HTTPException(404, detail=f"receipt_id: no receipt {receipt_id!r} in store {store_id!r}")
     return found

@@ -267,13 +267,12 @@ def checkout(*, session: Session, store_id: str, consultation_id: str | None, sk
     return CheckoutDecision(False, missing, message)
 
 
-def trace(*, session: Session, store_id: str, receipt_id: str) -> dict[str, Any] | None:
+def trace(*, session: Session, store_id: str, receipt_id: str, terminal_id: str | None = None) -> dict[str, Any] | None:
     """A sale followed back to the first contact: consultation steps, prompt answers, lines."""
-    receipt = session.scalars(
-        select(Receipt)
-        .where(Receipt.store_id == store_id, Receipt.receipt_id == receipt_id)
-        .order_by(Receipt.occurred_at)
-    ).first()
+    query = select(Receipt).where(Receipt.store_id == store_id, Receipt.receipt_id == receipt_id)
+    if terminal_id is not None:
+        query = query.where(Receipt.terminal_id == terminal_id)
+    receipt = session.scalars(query.order_by(Receipt.occurred_at)).first()
     if receipt is None:
         return None
     lines = session.scalars(

@@ -7,7 +7,7 @@ recorded in order when every earlier required step was done or skipped before it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,16 @@ class StepRecord:
     event_id: str | None = None
 
 
+def _record_order(definition: FlowDefinition) -> Callable[[StepRecord], tuple[datetime, int, str]]:
+    """Time first; steps stamped in the same instant (MQTT tills with coarse clocks) in flow order."""
+    order = {step: index for index, step in enumerate(definition.required_steps)}
+
+    def key(record: StepRecord) -> tuple[datetime, int, str]:
+        return record.occurred_at, order.get(record.step, len(order)), record.event_id or ""
+
+    return key
+
+
 class StepRefused(ValueError):
     """A step the flow does not accept now; the message names what is missing."""
 
@@ -37,7 +47,7 @@ class Consultation:
 
     @classmethod
     def of(cls, definition: FlowDefinition, records: Iterable[StepRecord]) -> Consultation:
-        return cls(definition, sorted(records, key=lambda r: r.occurred_at))
+        return cls(definition, sorted(records, key=_record_order(definition)))
 
     @property
     def effective(self) -> dict[str, StepRecord]:
@@ -103,7 +113,7 @@ class Consultation:
 
     def record(self, record: StepRecord) -> None:
         self.records.append(record)
-        self.records.sort(key=lambda r: r.occurred_at)
+        self.records.sort(key=_record_order(self.definition))
 
     def status(self) -> dict[str, Any]:
         return {"done": self.done, "skipped": self.skipped, "missing": self.missing}

@@ -91,6 +91,28 @@ def test_scan_shows_the_prompt_once_per_receipt_and_the_flow_status(till: Till) 
     )
 
 
+def test_a_return_needs_no_counter_flow(till: Till) -> None:
+    refused = till.post("/pos/checkout", receipt_id="R1", skus=[CONTROLLED])
+    assert refused.status_code == 409
+    assert till.post("/pos/checkout", receipt_id="R1", skus=[CONTROLLED], kind="return").json() == {"allowed": True}
+
+
+def test_steps_in_the_same_instant_count_in_flow_order(chain: Engine, till: Till) -> None:
+    same = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    # A till with a coarse clock sends the steps with one timestamp, in reverse order.
+    ingest(chain, [
+        f.step(i, step=s, consultation_id="C-same", event_id=f"same-{s}", occurred_at=same, data=STEP_DATA[s] or None)
+        for i, s in enumerate(reversed(STEPS))
+    ])  # fmt: skip
+    ingest(chain, [f.receipt(8, consultation_id="C-same")])
+    trace = till.client.get(f"{till.base}/api/v1/stores/S001/receipts/R8/trace", params={"terminal_id": "T1"}).json()
+    assert trace["consultation"]["out_of_order"] == [] and trace["consultation"]["missing"] == []
+    assert (
+        till.client.get(f"{till.base}/api/v1/stores/S001/receipts/R8/trace", params={"terminal_id": "T9"}).status_code
+        == 404
+    )
+
+
 def test_a_plain_sku_has_no_prompt_and_no_flow(till: Till) -> None:
     assert till.post("/pos/scan", receipt_id="R1", sku=PLAIN).json() | {"name": None} == {
         "sku": PLAIN, "name": None, "prompts": [], "flow": None, "promotions": [],
