@@ -183,6 +183,38 @@ def config_versions() -> None:
 
 
 @app.command()
+def metrics(
+    store: Annotated[str, typer.Option("--store", help="store id, e.g. S001")],
+    day: Annotated[str | None, typer.Option("--day", help="local business day YYYY-MM-DD (default: yesterday)")] = None,
+) -> None:
+    """A store's counter-flow and sales metrics for one business day."""
+    from datetime import date, datetime, timedelta
+
+    from store_rules.metrics import UnknownStore, day_metrics
+
+    wanted = date.fromisoformat(day) if day else (datetime.now(get_settings().chain_tz) - timedelta(days=1)).date()
+    try:
+        with session_scope() as session:
+            result = day_metrics(session=session, store_id=store, day=wanted)
+    except UnknownStore as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{store} {wanted} ({result.timezone})")
+    for label, value in (
+        ("step completeness", result.step_completeness),
+        ("symptom-record completeness", result.symptom_completeness),
+        ("insurance pass rate", result.insurance_pass_rate),
+        ("traceability", result.traceability),
+        ("conversion", result.conversion_rate),
+        ("average ticket", result.average_ticket),
+    ):
+        typer.echo(f"  {label:<28} {value}")
+    for prompt in result.prompt_answers.prompts:
+        shares = ", ".join(f"{a.answer} {a.share}" for a in prompt.answers)
+        typer.echo(f"  prompt {prompt.prompt_id} on {prompt.sku}: {shares}")
+
+
+@app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP API and the pages."""
     import uvicorn

@@ -49,6 +49,13 @@ def test_upgrade_import_and_device_tokens(env: dict[str, str], tmp_path: Path) -
     assert stored == [(hash_token(token),)]
     assert token not in str(db.execute("SELECT * FROM device_tokens").fetchall())
 
+    shown = sp(env, "metrics", "--store", "S001", "--day", "2026-11-20")
+    assert shown.returncode == 0, shown.stderr
+    assert "S001 2026-11-20 (Asia/Shanghai)" in shown.stdout
+    assert "insurance pass rate          0 / 0" in shown.stdout
+    unknown = sp(env, "metrics", "--store", "S404")
+    assert unknown.returncode == 2 and "S404" in unknown.stderr
+
     assert sp(env, "device-token", "revoke", "1").returncode == 0
     assert "revoked" in sp(env, "device-token", "list").stdout
     again = sp(env, "device-token", "revoke", "1")
