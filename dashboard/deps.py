@@ -14,7 +14,8 @@ from ingest.models import DeviceToken
 from ingest.tokens import authenticate
 
 
-def get_db_engine(request: Request) -> Engine:
+async def get_db_engine(request: Request) -> Engine:
+    # No I/O: async, so FastAPI runs it on the event loop instead of a thread-pool hop.
     engine: Engine = request.app.state.engine
     return engine
 

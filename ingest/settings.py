@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     mqtt_shared_group: str | None = None
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     mqtt_receive_maximum: int = 1000
+    # Connections kept open per process: the API runs sync views on a thread pool (40 threads),
+    # and a connection opened past the pool and closed again costs more than the request itself.
+    db_pool_size: int = 20
+    db_max_overflow: int = 20
     ingest_batch_size: int = 2000
     ingest_batch_ms: int = 200
     secret_key: str = PLACEHOLDER_SECRET

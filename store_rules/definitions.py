@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -217,7 +218,7 @@ def store_definition(*, session: Session, kind: str, text: str, source: str) -> 
         )
     )  # fmt: skip
     session.flush()
-    _cache.clear()
+    forget_active_definitions()
     return version, True
 
 
@@ -233,7 +234,30 @@ def load_config_dir(*, session: Session, directory: Path = CONFIG_DIR) -> list[t
 _cache: dict[tuple[str, str, int], FlowDefinition | PromptSet] = {}
 
 
+_checked: dict[tuple[str, str], tuple[float, FlowDefinition | PromptSet]] = {}
+# How long a process may keep using a definition before it looks for a newer version: a till
+# scans many times a second, definitions change a few times a year.
+ACTIVE_TTL_S = 5.0
+
+
 def _active_definition(session: Session, kind: str) -> FlowDefinition | PromptSet:
+    """The newest stored version of a kind, looked up at most every ACTIVE_TTL_S per database."""
+    key = (kind, str(session.get_bind().engine.url))
+    hit = _checked.get(key)
+    if hit is not None and time.monotonic() - hit[0] < ACTIVE_TTL_S:
+        return hit[1]
+    definition = _load_active_definition(session, kind)
+    _checked[key] = (time.monotonic(), definition)
+    return definition
+
+
+def forget_active_definitions() -> None:
+    """Drop the cached definitions, e.g. after the definitions table was emptied by hand."""
+    _cache.clear()
+    _checked.clear()
+
+
+def _load_active_definition(session: Session, kind: str) -> FlowDefinition | PromptSet:
     """The newest stored version of a kind; the shipped file when nothing was loaded yet."""
     row = session.execute(
         select(ConfigVersion.version, ConfigVersion.content)

@@ -98,6 +98,9 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def empty_tables(engine: Engine) -> None:
+    from store_rules.definitions import forget_active_definitions
+
+    forget_active_definitions()
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text(f"TRUNCATE {', '.join(TRUNCATE_ORDER)} RESTART IDENTITY CASCADE"))
