@@ -635,14 +635,14 @@ def process_tree_cpu(pid: int) -> float:
     return cpu_of(process) + sum(cpu_of(child) for child in children)
 
 
-def postmaster() -> psutil.Process | None:
-    for process in psutil.process_iter(["name", "ppid"]):
-        if process.info["name"] == "postgres":
-            with contextlib.suppress(psutil.Error):
-                parent = psutil.Process(process.info["ppid"])
-                if parent.name() != "postgres":
-                    return process
-    return None
+def postmaster(engine: Engine) -> psutil.Process | None:
+    """The PostgreSQL server's main process: the parent of any backend, e.g. of our own connection."""
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    try:
+        return psutil.Process(backend).parent()
+    except psutil.Error:
+        return None
 
 
 def postgres_cpu(main: psutil.Process | None, backend_pids: set[int]) -> tuple[float, dict[int, float]]:
@@ -854,7 +854,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         client=args.client,
     )
     generator, conn, generator_pid = stack.enter_context(load_generator(plan))
-    main_pg = postmaster()
+    main_pg = postmaster(engine)
     t0 = time.monotonic() + 0.5
     conn.send(t0)
     print(
