@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 import math
 import os
@@ -155,3 +156,27 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return float("nan")
     rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
     return sorted_values[rank - 1]
+
+
+def summarise_profile(path: Path, title: str, top: int = 18) -> str:
+    """Own and inclusive time per frame of a py-spy raw (collapsed stacks) file."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split("/")[-1] if " (" in f else f for f in stack.split(";")
+        ]
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    lines = [f"{title}: {total} samples ({path})", "  own time:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(top)]
+    lines.append("  inclusive:")
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in inclusive.most_common(top)]
+    return "\n".join(lines)

@@ -54,6 +54,7 @@ from bench.common import (
     print_facts,
     print_table,
     scratch_timescale,
+    summarise_profile,
 )
 from ingest.db import get_engine
 
@@ -237,31 +238,7 @@ def py_spy(pid: int, out: Path | None, label: str) -> Iterator[None]:
             process.kill()
             process.wait(5)
     if raw.exists():
-        print(summarise_profile(raw, label))
-
-
-def summarise_profile(path: Path, label: str, top: int = 18) -> str:
-    inclusive: collections.Counter[str] = collections.Counter()
-    own: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [
-            f.split(" (")[0] + " (" + f.split(" (")[1].split("/")[-1] if " (" in f else f for f in stack.split(";")
-        ]
-        total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    lines = [f"  py-spy, worker, {label}: {total} samples of busy threads ({path})"]
-    lines.append("  own time:")
-    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(top)]
-    lines.append("  inclusive:")
-    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in inclusive.most_common(top)]
-    return "\n".join(lines)
+        print(summarise_profile(raw, f"  py-spy, worker, {label}, busy threads"))
 
 
 # --- CPU accounting (who is busy on this 2-core machine) ------------------------------------

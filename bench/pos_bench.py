@@ -65,6 +65,7 @@ from bench.common import (
     percentile,
     print_facts,
     print_table,
+    summarise_profile,
 )
 from ingest.db import get_engine, session_scope
 from ingest.models import Sku
@@ -730,30 +731,7 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
             process.kill()
             process.wait(5)
     if raw.exists():
-        print(summarise_profile(raw))
-
-
-def summarise_profile(path: Path, top: int = 25) -> str:
-    inclusive: collections.Counter[str] = collections.Counter()
-    own: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [
-            f.split(" (")[0] + " (" + f.split(" (")[1].split("/")[-1] if " (" in f else f for f in stack.split(";")
-        ]
-        total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    lines = [f"\npy-spy, server: {total} samples of the thread holding the GIL ({path})", "  own time:"]
-    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(top)]
-    lines.append("  inclusive:")
-    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in inclusive.most_common(top)]
-    return "\n".join(lines)
+        print(summarise_profile(raw, "\npy-spy, server, the thread holding the GIL", top=25))
 
 
 # --- the run -------------------------------------------------------------------------------------------
