@@ -7,6 +7,7 @@ import importlib
 import math
 import os
 import platform
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -180,3 +181,28 @@ def summarise_profile(path: Path, title: str, top: int = 18) -> str:
     lines.append("  inclusive:")
     lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in inclusive.most_common(top)]
     return "\n".join(lines)
+
+
+@contextmanager
+def py_spy_recording(
+    pid: int, raw: Path, title: str, *, extra_args: Sequence[str] = (), top: int = 18
+) -> Iterator[None]:
+    """Record `pid` with py-spy while the block runs, then print where its time went."""
+    spy = shutil.which("py-spy") or str(Path(sys.prefix) / "bin" / "py-spy")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(raw), *extra_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    if raw.exists():
+        print(summarise_profile(raw, title, top))

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -53,8 +52,8 @@ from bench.common import (
     percentile,
     print_facts,
     print_table,
+    py_spy_recording,
     scratch_timescale,
-    summarise_profile,
 )
 from ingest.db import get_engine
 
@@ -220,25 +219,13 @@ def py_spy(pid: int, out: Path | None, label: str) -> Iterator[None]:
     if out is None:
         yield
         return
-    spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
-    out.mkdir(parents=True, exist_ok=True)
-    raw = out / f"worker-{label}.txt"
-    process = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with py_spy_recording(
+        pid,
+        out / f"worker-{label}.txt",
+        f"  py-spy, worker, {label}, busy threads",
+        extra_args=("--rate", "200", "--nonblocking"),
+    ):
         yield
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    if raw.exists():
-        print(summarise_profile(raw, f"  py-spy, worker, {label}, busy threads"))
 
 
 # --- CPU accounting (who is busy on this 2-core machine) ------------------------------------

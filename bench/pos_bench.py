@@ -37,7 +37,6 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -65,7 +64,7 @@ from bench.common import (
     percentile,
     print_facts,
     print_table,
-    summarise_profile,
+    py_spy_recording,
 )
 from ingest.db import get_engine, session_scope
 from ingest.models import Sku
@@ -713,25 +712,14 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
     if out is None:
         yield
         return
-    spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
-    out.mkdir(parents=True, exist_ok=True)
-    raw = out / "server.txt"
-    process = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "100", "--gil", "--format", "raw", "--output", str(raw)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with py_spy_recording(
+        pid,
+        out / "server.txt",
+        "\npy-spy, server, the thread holding the GIL",
+        extra_args=("--rate", "100", "--gil"),
+        top=25,
+    ):
         yield
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    if raw.exists():
-        print(summarise_profile(raw, "\npy-spy, server, the thread holding the GIL", top=25))
 
 
 # --- the run -------------------------------------------------------------------------------------------
