@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
@@ -16,6 +20,16 @@ from store_rules import compliance
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.settings.api_threads
+    # The app's import-time objects never die; frozen, a full GC pass no longer walks them and
+    # stops the server for ~5 ms instead of 55-95 ms.
+    gc.collect()
+    gc.freeze()
+    yield
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.require_safe_for_serving()
@@ -24,6 +38,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         title="StorePulse",
         version="1.0",
         description="Store sales monitoring: event ingest (contract v1), POS counter flow, dashboards.",
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine or get_engine(settings.effective_database_url)

@@ -44,9 +44,9 @@ def get_engine(url: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     settings = get_settings()
-    return create_engine(
-        url, pool_pre_ping=True, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
-    )
+    # No pre-ping: it costs a round trip per checkout. A connection the server dropped fails one
+    # statement, and SQLAlchemy then invalidates the whole pool; recycling bounds idle-connection age.
+    return create_engine(url, pool_recycle=1800, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
 
 
 @lru_cache(maxsize=8)

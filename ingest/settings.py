@@ -29,10 +29,16 @@ class Settings(BaseSettings):
     mqtt_shared_group: str | None = None
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     mqtt_receive_maximum: int = 1000
-    # Connections kept open per process: the API runs sync views on a thread pool (40 threads),
-    # and a connection opened past the pool and closed again costs more than the request itself.
-    db_pool_size: int = 20
-    db_max_overflow: int = 20
+    # Connections kept open per process; a connection opened past the pool and closed again
+    # costs more than the request itself.
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+    # The API's sync views run on a thread pool capped at this size. Kept below the connection
+    # pool's size: a request beyond it waits on the event loop (cheap) instead of opening a new
+    # PostgreSQL session (7 ms of server CPU each), which under load snowballed into a collapse.
+    api_threads: int = 8
+    device_token_cache_s: float = Field(default=10.0, ge=0, description="how long a device token stays trusted")
+    sku_cache_s: float = Field(default=60.0, ge=0, description="how long SKU master rows are cached by the POS API")
     ingest_batch_size: int = 2000
     ingest_batch_ms: int = 200
     secret_key: str = PLACEHOLDER_SECRET

@@ -16,13 +16,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ingest.models import ConsultationStep, PromptAnswer, Receipt, ReceiptLine, Sku
+from ingest.models import ConsultationStep, PromptAnswer, Receipt, ReceiptLine
 from ingest.service import EventResult, ingest_payloads
 from store_rules.definitions import (
     FlowDefinition,
     PromptDefinition,
     active_flow,
     active_prompts,
+    cached_skus,
     flow_controlled_skus,
     skus_by_code,
 )
@@ -107,7 +108,7 @@ def scan(
     kind: str = "sale",
 ) -> dict[str, Any]:
     """What the till shows when a SKU is scanned: prompts, the flow status and promotions."""
-    master = session.get(Sku, sku)
+    master = cached_skus(session, [sku]).get(sku)
     prompts = []
     for prompt in active_prompts(session=session).prompts:
         if not prompt.trigger.matches(master, sku):
@@ -254,7 +255,7 @@ def checkout(*, session: Session, store_id: str, consultation_id: str | None, sk
     missing_steps = consultation.missing if consultation else flow.required_steps
     if not missing_steps:
         return CheckoutDecision(True, [], None)
-    names = skus_by_code(session, controlled)
+    names = cached_skus(session, controlled)
     missing = [{"step": step, "skus": controlled} for step in missing_steps]
     steps_zh = "、".join(flow.step(s).name.zh_cn for s in missing_steps)  # type: ignore[union-attr]
     steps_en = ", ".join(flow.step(s).name.en for s in missing_steps)  # type: ignore[union-attr]

