@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 
-from dashboard import api, pages, pos
+from dashboard import alerts, api, pages, pos
 from ingest.db import get_engine
 from ingest.settings import Settings, get_settings
 from store_rules import compliance
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine or get_engine(settings.effective_database_url)
     app.include_router(api.router)
     app.include_router(pos.router)
+    app.include_router(alerts.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -109,6 +109,25 @@ class DeviceToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class User(Base):
+    """A person: store staff, a store manager, a region supervisor, headquarters or an admin.
+
+    The scope follows the role: staff and managers belong to a store, supervisors to a region,
+    headquarters and admins to the chain. People use the API with a personal token (only a
+    SHA-256 of it is stored, like device tokens).
+    """
+
+    __tablename__ = "users"
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(32))
+    store_id: Mapped[str | None] = mapped_column(ForeignKey("stores.store_id"))
+    region_id: Mapped[str | None] = mapped_column(ForeignKey("regions.region_id"))
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
 # --- events ------------------------------------------------------------------------------
 
 

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     sku_cache_s: float = Field(default=60.0, ge=0, description="how long SKU master rows are cached by the POS API")
     ingest_batch_size: int = 2000
     ingest_batch_ms: int = 200
+    # Alert delivery: retries back off from notify_backoff_s, doubling up to notify_backoff_max_s.
+    notify_backoff_s: float = Field(default=5.0, gt=0)
+    notify_backoff_max_s: float = Field(default=600.0, gt=0)
+    notify_max_attempts: int = Field(default=10, ge=1)
+    notify_interval_s: float = Field(default=5.0, gt=0, description="how often the scheduler delivers")
+    # Where people open StorePulse: links in WeCom / DingTalk messages point here.
+    public_url: str = "http://127.0.0.1:8000"
     secret_key: str = PLACEHOLDER_SECRET
     timezone: str = "Asia/Shanghai"
 

@@ -18,7 +18,7 @@ from ingest.types import JsonDoc, UtcDateTime
 
 class ConfigVersion(Base):
     __tablename__ = "config_versions"
-    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(100), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     checksum: Mapped[str] = mapped_column(String(64))
     content: Mapped[dict[str, Any]] = mapped_column(JsonDoc)

@@ -11,6 +11,8 @@ import typer
 
 from ingest.db import get_engine, session_scope
 from ingest.settings import get_settings
+from storepulse.cli_rules import alerts_app, rules_app, users_app
+from storepulse.cli_rules import scheduler as run_scheduler
 
 app = typer.Typer(help="StorePulse: store sales monitoring for pharmacy chains.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
@@ -25,6 +27,17 @@ config_app = typer.Typer(
     help="Counter-flow and scan-prompt definitions (seeds/config/*.yaml), versioned.", no_args_is_help=True
 )
 app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
+app.add_typer(users_app, name="users")
+app.add_typer(alerts_app, name="alerts")
+
+
+@app.command("scheduler")
+def scheduler_command(verbose: bool = False) -> None:
+    """Evaluate the enabled rules on their cadence, deliver and escalate alerts (one active per database)."""
+    _require_safe_settings()
+    _logging(verbose)
+    run_scheduler()
 
 
 def _require_safe_settings() -> None:

@@ -29,6 +29,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TRUNCATE_ORDER = (
+    "notification_attempts",
+    "notifications",
+    "alert_transitions",
+    "alerts",
+    "users",
     "compliance_violations",
     "config_versions",
     *EVENT_TABLES,

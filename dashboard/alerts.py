@@ -1,0 +1,181 @@
+"""The alert API: list, detail, acknowledge, resolve, response timeliness.
+
+People authenticate with their personal token. A supervisor works the alerts of the own
+region, a manager reads the own store's, headquarters and admins see the chain. Customer
+names in the evidence are shown in full only to a person allowed to see the store's detail
+(and never in notifications); everyone else gets them masked.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+from sqlalchemy import Engine, select
+
+from dashboard.deps import get_db_engine
+from ingest.db import session_scope
+from ingest.models import Store
+from ingest.users import Principal, authenticate_user
+from store_rules.alerts import service
+from store_rules.alerts.models import Alert
+
+router = APIRouter(prefix="/api/v1", tags=["alerts"])
+
+
+def _lookup_user(engine: Engine, token: str) -> Principal | None:
+    with session_scope(engine) as session:
+        return authenticate_user(session=session, token=token)
+
+
+async def current_user(request: Request, engine: Annotated[Engine, Depends(get_db_engine)]) -> Principal:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    principal = await run_in_threadpool(_lookup_user, engine, token.strip()) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="Authorization: a personal token is required (Authorization: Bearer spu_...)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+User = Annotated[Principal, Depends(current_user)]
+
+
+class NoteIn(BaseModel):
+    note: str | None = Field(default=None, max_length=2000)
+
+
+def alert_json(alert: Alert, full_evidence: bool) -> dict[str, Any]:
+    return {
+        "alert_id": alert.id, "rule_id": alert.rule_id, "rule_version": alert.rule_version, "type": alert.rule_type,
+        "severity": alert.severity, "store_id": alert.store_id, "region_id": alert.region_id,
+        "subject": alert.subject, "window": [alert.window_start.isoformat(), alert.window_end.isoformat()],
+        "status": alert.status, "level": alert.level, "role": alert.role, "summary": alert.summary,
+        "values": alert.values,
+        "evidence": alert.evidence if full_evidence else service.masked_evidence(alert.evidence or []),
+        "evidence_masked": not full_evidence,
+        "raised_at": alert.raised_at.isoformat(),
+        "acknowledged_at": alert.acknowledged_at.isoformat() if alert.acknowledged_at else None,
+        "acknowledged_by": alert.acknowledged_by,
+        "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+        "resolved_by": alert.resolved_by,
+        "escalated_at": alert.escalated_at.isoformat() if alert.escalated_at else None,
+    }  # fmt: skip
+
+
+def _may_act(user: Principal, alert: Alert) -> bool:
+    """Acknowledging and resolving: the level's people (and those above), in their scope."""
+    if user.chain_wide:
+        return True
+    if user.role == "supervisor":
+        return alert.region_id == user.region_id
+    return user.role == "manager" and alert.store_id == user.store_id and alert.level == "store"
+
+
+def _visible(user: Principal, alert: Alert) -> bool:
+    return user.sees_store(alert.store_id, alert.region_id)
+
+
+def _forbidden(alert_id: int) -> HTTPException:
+    return HTTPException(403, detail=f"alert_id: alert {alert_id} is outside your scope")
+
+
+@router.get("/alerts")
+def alerts_list(
+    request: Request, user: User, status: str | None = None, store_id: str | None = None, limit: int = 200
+) -> dict[str, Any]:
+    """Alerts in the caller's scope, newest first."""
+    with session_scope(request.app.state.engine) as session:
+        store_ids = None
+        region_id = None
+        if user.role == "supervisor":
+            region_id = user.region_id
+        elif not user.chain_wide:
+            store_ids = [user.store_id or ""]
+        if store_id is not None:
+            store = session.get(Store, store_id)
+            if store is None or not user.sees_store(store.store_id, store.region_id):
+                raise HTTPException(403, detail=f"store_id: store {store_id!r} is outside your scope")
+            store_ids = [store_id]
+        rows = service.list_alerts(
+            session=session, status=status, store_ids=store_ids, region_id=region_id, limit=min(limit, 1000)
+        )
+        return {"alerts": [alert_json(a, full_evidence=True) for a in rows]}
+
+
+@router.get("/alerts/timeliness")
+def alerts_timeliness(
+    request: Request, user: User, from_: Annotated[date | None, "from"] = None, to: date | None = None
+) -> dict[str, Any]:
+    """预警响应及时率 (acknowledged within 24 h ÷ raised) for alerts raised in [from, to], chain time zone."""
+    tz = ZoneInfo(request.app.state.settings.timezone)
+    last = to or datetime.now(tz).date()
+    first = from_ or last - timedelta(days=29)
+    since = datetime.combine(first, time(), tz).astimezone(UTC)
+    until = datetime.combine(last + timedelta(days=1), time(), tz).astimezone(UTC)
+    with session_scope(request.app.state.engine) as session:
+        region_id = user.region_id if user.role == "supervisor" else None
+        store_id = user.store_id if user.role in ("staff", "manager") else None
+        result = service.response_timeliness(
+            session=session, since=since, until=until, region_id=region_id, store_id=store_id
+        )
+        names = dict(session.execute(select(Store.store_id, Store.name_zh)).all())
+
+    def ratio(r: Any) -> dict[str, Any]:
+        return {"acknowledged_within_24h": r.numerator, "raised": r.denominator, "percent": r.percent}
+
+    return {
+        "from": first.isoformat(), "to": last.isoformat(), "chain": ratio(result.chain),
+        "by_region": {k: {**ratio(v), "name": result.region_names.get(k)} for k, v in result.by_region.items()},
+        "by_store": {k: {**ratio(v), "name": names.get(k)} for k, v in result.by_store.items()},
+    }  # fmt: skip
+
+
+@router.get("/alerts/{alert_id}")
+def alert_detail(alert_id: int, request: Request, user: User) -> dict[str, Any]:
+    """One alert with its evidence and every transition."""
+    with session_scope(request.app.state.engine) as session:
+        try:
+            alert = service.get_alert(session=session, alert_id=alert_id)
+        except service.AlertError as exc:
+            raise HTTPException(exc.status, detail=str(exc)) from None
+        if not _visible(user, alert):
+            raise _forbidden(alert_id)
+        body = alert_json(alert, full_evidence=True)
+        body["transitions"] = [
+            {"at": t.at.isoformat(), "action": t.action, "from": t.from_status, "to": t.to_status, "actor": t.actor,
+             "note": t.note}
+            for t in service.transitions(session=session, alert_id=alert_id)
+        ]  # fmt: skip
+        return body
+
+
+def _transition(request: Request, user: User, alert_id: int, note: str | None, action: str) -> dict[str, Any]:
+    with session_scope(request.app.state.engine) as session:
+        try:
+            alert = service.get_alert(session=session, alert_id=alert_id)
+            if not _visible(user, alert) or not _may_act(user, alert):
+                raise _forbidden(alert_id)
+            change = service.acknowledge if action == "acknowledge" else service.resolve
+            alert = change(session=session, alert_id=alert_id, user_id=user.user_id, note=note)
+        except service.AlertError as exc:
+            raise HTTPException(exc.status, detail=str(exc)) from None
+        return alert_json(alert, full_evidence=True)
+
+
+@router.post("/alerts/{alert_id}/ack")
+def alert_ack(alert_id: int, request: Request, user: User, body: NoteIn | None = None) -> dict[str, Any]:
+    """Acknowledge an open alert (who, when, note); 409 when it is not open."""
+    return _transition(request, user, alert_id, body.note if body else None, "acknowledge")
+
+
+@router.post("/alerts/{alert_id}/resolve")
+def alert_resolve(alert_id: int, request: Request, user: User, body: NoteIn | None = None) -> dict[str, Any]:
+    """Resolve an alert by hand; 409 when it is already resolved."""
+    return _transition(request, user, alert_id, body.note if body else None, "resolve")

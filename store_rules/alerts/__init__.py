@@ -1,0 +1,1 @@
+"""Rules and alerts: rule definitions, evaluation, the alert lifecycle, delivery and back-testing."""

@@ -1,0 +1,253 @@
+"""`storepulse rules ...`, `storepulse scheduler`, `storepulse users ...`, `storepulse alerts ...`."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import sys
+from datetime import date
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from ingest.db import get_engine, session_scope
+from ingest.settings import get_settings
+
+rules_app = typer.Typer(help="Alert rules: load, list, versions, evaluate, back-test.", no_args_is_help=True)
+users_app = typer.Typer(help="People: create, list, disable (each gets a personal API token).", no_args_is_help=True)
+alerts_app = typer.Typer(help="Alerts: list, acknowledge, resolve, deliver.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@rules_app.command("load")
+def rules_load(
+    directory: Annotated[Path | None, typer.Option("--dir", help="folder of rule files and channels.yaml")] = None,
+) -> None:
+    """Validate every rule file (refused with line and reason) and store the changed ones as new versions."""
+    from store_rules.alerts.definitions import RULES_DIR, RuleDefinitionError, load_rules_dir
+
+    try:
+        with session_scope() as session:
+            results = load_rules_dir(session=session, directory=directory or RULES_DIR)
+    except RuleDefinitionError as exc:
+        _fail(f"nothing loaded:\n{exc}")
+        return
+    for result in results:
+        state = "" if result.enabled is None else ("  enabled" if result.enabled else "  draft (disabled)")
+        typer.echo(f"{result.kind}: version {result.version} ({'new' if result.created else 'unchanged'}){state}")
+
+
+@rules_app.command("list")
+def rules_list() -> None:
+    """The version in force of every rule."""
+    from store_rules.alerts.definitions import stored_rules
+
+    with session_scope() as session:
+        for rule in stored_rules(session=session):
+            scope = "chain" if rule.scope.chain else ",".join(rule.scope.regions or rule.scope.stores)
+            typer.echo(
+                f"{rule.id:<26} v{rule.version:<3} {'enabled' if rule.enabled else 'draft  '} {rule.type:<17} "
+                f"{rule.severity:<8} {scope:<10} → {rule.route.level} every {rule.cadence}"
+            )
+
+
+@rules_app.command("versions")
+def rules_versions(rule_id: str) -> None:
+    """Every stored version of one rule."""
+    from store_rules.alerts.definitions import rule_versions
+
+    with session_scope() as session:
+        rows = rule_versions(session=session, rule_id=rule_id)
+        if not rows:
+            _fail(f"rule_id: no rule {rule_id!r}", 2)
+        for row in rows:
+            enabled = "enabled" if row.content.get("enabled", True) else "draft"
+            typer.echo(
+                f"v{row.version:<4} {row.loaded_at:%Y-%m-%d %H:%M:%S}  {enabled:<8} {row.checksum[:12]}  {row.source}"
+            )
+
+
+@rules_app.command("evaluate")
+def rules_evaluate(
+    rule_id: Annotated[str | None, typer.Argument(help="one rule (default: every enabled rule)")] = None,
+    day: Annotated[
+        str | None, typer.Option("--day", help="business day YYYY-MM-DD (default: each store's yesterday)")
+    ] = None,
+) -> None:
+    """Evaluate now, as the scheduler does (raises and queues alerts)."""
+    from store_rules.alerts.definitions import stored_rule, stored_rules
+    from store_rules.alerts.service import evaluate_rule
+
+    with session_scope() as session:
+        if rule_id:
+            found = stored_rule(session=session, rule_id=rule_id)
+            if found is None:
+                _fail(f"rule_id: no rule {rule_id!r}", 2)
+            rules = [found] if found else []
+        else:
+            rules = stored_rules(session=session, enabled_only=True)
+        for rule in rules:
+            report = evaluate_rule(session=session, rule=rule, day=date.fromisoformat(day) if day else None)
+            typer.echo(
+                f"{rule.id}: {report.evaluated} evaluated, {len(report.raised)} raised, {report.resolved} resolved"
+            )
+
+
+@rules_app.command("backtest")
+def rules_backtest(
+    rule_id: str,
+    from_: Annotated[str, typer.Option("--from", help="first business day YYYY-MM-DD")],
+    to: Annotated[str, typer.Option("--to", help="last business day YYYY-MM-DD")],
+    file: Annotated[Path | None, typer.Option("--file", help="a rule file not loaded yet (a draft)")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on standard output instead of a table")] = False,
+) -> None:
+    """Replay stored history and list the alerts the rule would have raised; notifies nobody."""
+    from store_rules.alerts.backtest import backtest
+    from store_rules.alerts.definitions import RuleDefinitionError, parse_rule, stored_rule
+
+    try:
+        first, last = date.fromisoformat(from_), date.fromisoformat(to)
+    except ValueError as exc:
+        _fail(f"--from/--to: {exc}", 2)
+        return
+    with session_scope() as session:
+        if file is not None:
+            try:
+                rule = parse_rule(file.read_text("utf-8"), str(file))
+            except RuleDefinitionError as exc:
+                _fail(str(exc), 2)
+                return
+            if rule.id != rule_id:
+                _fail(f"--file: the file defines rule {rule.id!r}, not {rule_id!r}", 2)
+        else:
+            found = stored_rule(session=session, rule_id=rule_id)
+            if found is None:
+                _fail(f"rule_id: no rule {rule_id!r} (load it, or pass --file)", 2)
+                return
+            rule = found
+        try:
+            alerts = backtest(session=session, rule=rule, first=first, last=last)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+            return
+    columns = ["raised_on", "store_id", "subject", "window_start", "window_end", "resolved_on", "evidence", "summary"]
+    rows = [
+        [a.raised_on.isoformat(), a.store_id, a.subject or "", a.window_start.isoformat(), a.window_end.isoformat(),
+         a.resolved_on.isoformat() if a.resolved_on else "", str(a.evidence_count), a.summary.get("zh-CN", "")]
+        for a in alerts
+    ]  # fmt: skip
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    typer.echo(f"{rule.id} v{rule.version or 'file'} ({'enabled' if rule.enabled else 'draft'}), {first} – {last}: "
+               f"{len(alerts)} alert(s) would have been raised")  # fmt: skip
+    if rows:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns[:-1])]
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)) + "  summary")
+        for row in rows:
+            typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+def scheduler() -> None:
+    """Evaluate the enabled rules on their cadence, deliver and escalate alerts (one active per database)."""
+    from store_rules.alerts.delivery import DeliveryPolicy
+    from store_rules.alerts.scheduler import RuleScheduler
+
+    settings = get_settings()
+    policy = DeliveryPolicy(
+        backoff_s=settings.notify_backoff_s, backoff_max_s=settings.notify_backoff_max_s,
+        max_attempts=settings.notify_max_attempts, public_url=settings.public_url,
+    )  # fmt: skip
+    runner = RuleScheduler(
+        get_engine(settings.effective_database_url), policy=policy, delivery_interval_s=settings.notify_interval_s
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        typer.echo(f"scheduler: signal {signum}, stopping", err=True)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    runner.run()
+
+
+@users_app.command("create")
+def users_create(
+    user_id: str,
+    name: Annotated[str, typer.Option("--name")],
+    role: Annotated[str, typer.Option("--role", help="staff, manager, supervisor, headquarters or admin")],
+    store: Annotated[str | None, typer.Option("--store")] = None,
+    region: Annotated[str | None, typer.Option("--region")] = None,
+) -> None:
+    """Create a person; their API token is printed once."""
+    from ingest.users import UserError, create_user
+
+    try:
+        with session_scope() as session:
+            token = create_user(
+                session=session, user_id=user_id, name=name, role=role, store_id=store, region_id=region
+            )
+    except UserError as exc:
+        _fail(str(exc), 2)
+        return
+    typer.echo(f"user {user_id} ({role}) created; API token (shown once): {token}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    from ingest.users import list_users
+
+    with session_scope() as session:
+        for user in list_users(session=session):
+            scope = user.store_id or user.region_id or "chain"
+            state = "disabled" if user.disabled_at else "active"
+            typer.echo(f"{user.user_id:<16} {user.role:<13} {scope:<8} {state:<9} {user.name}")
+
+
+@users_app.command("disable")
+def users_disable(user_id: str) -> None:
+    from ingest.users import disable_user
+
+    with session_scope() as session:
+        if not disable_user(session=session, user_id=user_id):
+            _fail(f"user_id: no active user {user_id!r}", 1)
+    typer.echo(f"user {user_id} disabled")
+
+
+@alerts_app.command("list")
+def alerts_list(status: Annotated[str | None, typer.Option("--status")] = None) -> None:
+    """Alerts, newest first (customer names masked)."""
+    from store_rules.alerts.service import list_alerts
+
+    with session_scope() as session:
+        for alert in list_alerts(session=session, status=status):
+            typer.echo(
+                f"#{alert.id:<5} {alert.raised_at:%Y-%m-%d %H:%M} {alert.status:<12} {alert.level:<12} "
+                f"{alert.rule_id:<22} {alert.summary.get('zh-CN', '')}"
+            )
+
+
+@alerts_app.command("deliver")
+def alerts_deliver() -> None:
+    """One delivery pass now (what the scheduler does every few seconds)."""
+    from store_rules.alerts.delivery import DeliveryPolicy, deliver_due
+
+    settings = get_settings()
+    report = deliver_due(
+        engine=get_engine(settings.effective_database_url),
+        policy=DeliveryPolicy(public_url=settings.public_url, max_attempts=settings.notify_max_attempts),
+    )
+    typer.echo(
+        f"claimed {report.claimed}, sent {report.sent} in {report.messages} message(s) ({report.digests} digests), "
+        f"retrying {report.retried}, failed {report.failed}, deferred {report.deferred}"
+    )
+    for error in report.errors:
+        typer.echo(f"  {error}", err=True)
