@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, select
@@ -111,7 +111,7 @@ def alerts_list(
 
 @router.get("/alerts/timeliness")
 def alerts_timeliness(
-    request: Request, user: User, from_: Annotated[date | None, "from"] = None, to: date | None = None
+    request: Request, user: User, from_: Annotated[date | None, Query(alias="from")] = None, to: date | None = None
 ) -> dict[str, Any]:
     """预警响应及时率 (acknowledged within 24 h ÷ raised) for alerts raised in [from, to], chain time zone."""
     tz = ZoneInfo(request.app.state.settings.timezone)

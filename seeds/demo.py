@@ -16,18 +16,19 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 
 from ingest.db import get_engine, session_scope
 from ingest.masterdata import IMPORT_ORDER, ImportReport, import_file
 from ingest.migrate import upgrade
+from ingest.models import Store
 from ingest.settings import get_settings
 from ingest.tokens import create_token
 from seeds.pos_till import PosError, PosTill
@@ -129,6 +130,8 @@ def prepare(
     )
     for error in history.errors:
         echo(f"  rejected: {error}")
+    alerts = replay_rules(engine, days=days, now=now)
+    echo(f"rules: {alerts} alert(s) raised over the history (storepulse scheduler keeps evaluating)")
     tokens: dict[str, str] = {}
     with session_scope(engine) as session:
         for store in chain.stores:
@@ -137,6 +140,29 @@ def prepare(
     return PreparedDemo(
         url=url, engine=engine, chain=chain, tokens=tokens, history=history, imported=imported, definitions=definitions
     )
+
+
+def replay_rules(engine: Engine, *, days: int, now: datetime | None = None) -> int:
+    """Load the rule files and evaluate the enabled rules at the close of each history day, as the scheduler would."""
+    from store_rules.alerts.definitions import load_rules_dir, stored_rules
+    from store_rules.alerts.service import MetricSource, evaluate_rule
+
+    now = now or datetime.now(UTC)
+    raised = 0
+    with session_scope(engine) as session:
+        load_rules_dir(session=session)
+        stores = [s.store_id for s in session.scalars(select(Store))]
+        today = now.astimezone(get_settings().chain_tz).date()
+        first = today - timedelta(days=days)
+        source = MetricSource(session)
+        source.preload(stores, first - timedelta(days=31), today - timedelta(days=1))
+        for offset in range(days):
+            day = first + timedelta(days=offset)
+            closing = datetime.combine(day + timedelta(days=1), time(1), get_settings().chain_tz)
+            for rule in stored_rules(session=session, enabled_only=True):
+                report = evaluate_rule(session=session, rule=rule, day=day, now=min(closing, now), source=source)
+                raised += len(report.raised)
+    return raised
 
 
 def pos_tills(

@@ -76,8 +76,9 @@ def scenario(engine: Engine) -> None:
     ingest(engine, [e for d in (D1, D2, D3) for e in insurance_day(d, 9, 1, store_id="S002")])
 
 
-def evaluate(engine: Engine, rule: AnyRule, day: date) -> service.EvaluationReport:
-    closing = datetime(day.year, day.month, day.day, tzinfo=SHANGHAI) + timedelta(days=1, hours=1)
+def evaluate(engine: Engine, rule: AnyRule, day: date, now: datetime | None = None) -> service.EvaluationReport:
+    """Evaluate at the close of `day` (an hour after local midnight), or at `now`."""
+    closing = now or datetime(day.year, day.month, day.day, tzinfo=SHANGHAI) + timedelta(days=1, hours=1)
     with session_scope(engine) as session:
         return service.evaluate_rule(session=session, rule=rule, day=day, now=closing, channels=CHANNELS)
 
@@ -284,3 +285,63 @@ def test_backtest_over_60_days_equals_live_evaluation_day_by_day(chain: Engine, 
         assert [(r[2], r[3]) for r in replay_rows] == [
             ("door-2", first + timedelta(days=10)), ("door-2", first + timedelta(days=30)),
         ]  # fmt: skip
+
+
+def test_acknowledging_through_the_api_moves_timeliness_and_respects_scope(chain: Engine) -> None:
+    import httpx
+
+    from ingest.users import create_user
+    from tests.conftest import LiveServer, make_app
+
+    scenario(chain)
+    ingest(chain, [e for d in (D1, D2, D3) for e in insurance_day(d, 1, 9, store_id="S003")])
+    rule = seed_rule()
+    for day in (D1, D2, D3):
+        evaluate(chain, rule, day, now=datetime.now(UTC))  # raised now, so an acknowledgement now is timely
+    with session_scope(chain) as session:
+        tokens = {
+            "sup_zj": create_user(
+                session=session, user_id="sup-zj", name="周督导", role="supervisor", region_id="R-ZJ"
+            ),
+            "sup_sh": create_user(
+                session=session, user_id="sup-sh", name="沈督导", role="supervisor", region_id="R-SH"
+            ),
+            "mgr_s002": create_user(
+                session=session, user_id="mgr-s002", name="钱店长", role="manager", store_id="S002"
+            ),
+            "hq": create_user(session=session, user_id="hq-1", name="总部", role="headquarters"),
+        }
+        alert_ids = {a.store_id: a.id for a in session.scalars(select(Alert))}
+
+    def call(method: str, path: str, who: str | None, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {tokens[who]}"} if who else {}
+        return httpx.request(method, f"{server.url}/api/v1{path}", headers=headers, timeout=10, **kwargs)
+
+    today = datetime.now(SHANGHAI).date()
+    window = {"from": (today - timedelta(days=1)).isoformat(), "to": today.isoformat()}
+    with LiveServer(make_app(chain)) as server:
+        assert call("GET", "/alerts", None).status_code == 401
+        zj = call("GET", "/alerts", "sup_zj").json()["alerts"]
+        assert [a["store_id"] for a in zj] == ["S001"]
+        assert zj[0]["evidence"][0]["customer_name"] == "王建国" and not zj[0]["evidence_masked"]
+        assert call("GET", "/alerts", "mgr_s002").json()["alerts"] == []
+        assert call("GET", f"/alerts/{alert_ids['S001']}", "sup_sh").status_code == 403
+        assert call("POST", f"/alerts/{alert_ids['S001']}/ack", "sup_sh", json={"note": "x"}).status_code == 403
+        assert call("POST", f"/alerts/{alert_ids['S001']}/ack", "mgr_s002").status_code == 403
+        assert call("GET", "/alerts/timeliness", "hq", params=window).json()["chain"] == {
+            "acknowledged_within_24h": 0, "raised": 2, "percent": 0.0,
+        }  # fmt: skip
+        acked = call("POST", f"/alerts/{alert_ids['S001']}/ack", "sup_zj", json={"note": "打电话给店长"})
+        assert acked.status_code == 200 and acked.json()["status"] == "acknowledged"
+        assert acked.json()["acknowledged_by"] == "sup-zj"
+        assert call("POST", f"/alerts/{alert_ids['S001']}/ack", "sup_zj").status_code == 409
+        chain_view = call("GET", "/alerts/timeliness", "hq", params=window).json()
+        assert chain_view["chain"] == {"acknowledged_within_24h": 1, "raised": 2, "percent": 50.0}
+        assert chain_view["by_region"]["R-ZJ"]["percent"] == 100.0 and chain_view["by_region"]["R-SH"]["percent"] == 0.0
+        own_region = call("GET", "/alerts/timeliness", "sup_sh", params=window).json()
+        assert own_region["chain"]["raised"] == 1 and set(own_region["by_store"]) == {"S003"}
+        detail = call("GET", f"/alerts/{alert_ids['S001']}", "sup_zj").json()
+        assert [t["action"] for t in detail["transitions"]] == ["raised", "acknowledged"]
+        assert detail["transitions"][1]["note"] == "打电话给店长"
+        resolved = call("POST", f"/alerts/{alert_ids['S001']}/resolve", "hq", json={"note": "done"})
+        assert resolved.status_code == 200 and resolved.json()["resolved_by"] == "hq-1"

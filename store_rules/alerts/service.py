@@ -358,11 +358,15 @@ def evaluate_rule(
     day: date | None = None,
     store_ids: Iterable[str] | None = None,
     channels: ChannelSet | None = None,
+    source: MetricSource | None = None,
 ) -> EvaluationReport:
-    """Evaluate a rule live: each store at the close of its last business day (or of `day`)."""
+    """Evaluate a rule live: each store at the close of its last business day (or of `day`).
+
+    Pass a `source` preloaded over many days to evaluate day after day without reading a day twice.
+    """
     now = now or datetime.now(UTC)
     sink = DatabaseSink(session, channels if channels is not None else active_channels(session=session), now)
-    source = MetricSource(session)
+    source = source or MetricSource(session)
     by_day: dict[date, list[Store]] = defaultdict(list)
     for store in scope_stores(session=session, rule=rule, store_ids=store_ids):
         by_day[day or last_closed_day(store, now)].append(store)
