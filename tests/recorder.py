@@ -77,7 +77,10 @@ class RecordingServer:
             return self._lock.wait_for(lambda: len(self._requests) >= n, timeout=timeout)
 
     def __enter__(self) -> RecordingServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="recording-server", daemon=True)
+        # A short poll interval: `shutdown` waits for the loop's next poll, 0.5 s by default, on every exit.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="recording-server", daemon=True
+        )
         self._thread.start()
         return self
 
