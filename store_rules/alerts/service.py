@@ -270,8 +270,9 @@ def _summary(rule: AnyRule, store_name: dict[str, str], verdict: Verdict) -> dic
     values = verdict.values
     if rule.type == "threshold_streak":
         zh, en = METRIC_NAMES[values["metric"]]
-        shown_zh = "、".join(f"{d['percent']}%" for d in values["days"])
-        shown_en = ", ".join(f"{d['percent']} %" for d in values["days"])
+        # A day without cases has no value: shown as "–", not as a number.
+        shown_zh = "、".join("–" if d["percent"] is None else f"{d['percent']}%" for d in values["days"])
+        shown_en = ", ".join("–" if d["percent"] is None else f"{d['percent']} %" for d in values["days"])
         side_zh = "低于" if values["direction"] == "below" else "高于"
         threshold = values["threshold_percent"]
         return {
