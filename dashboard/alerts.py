@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, select
 
-from dashboard.deps import get_db_engine
+from dashboard.deps import bearer_token, get_db_engine
 from ingest.db import session_scope
 from ingest.models import Store
 from ingest.users import Principal, authenticate_user
@@ -33,8 +33,8 @@ def _lookup_user(engine: Engine, token: str) -> Principal | None:
 
 
 async def current_user(request: Request, engine: Annotated[Engine, Depends(get_db_engine)]) -> Principal:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    principal = await run_in_threadpool(_lookup_user, engine, token.strip()) if scheme.lower() == "bearer" else None
+    token = bearer_token(request)
+    principal = await run_in_threadpool(_lookup_user, engine, token) if token else None
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -26,11 +26,6 @@ class AuthenticatedDevice:
 _token_cache: dict[tuple[int, str], tuple[float, AuthenticatedDevice]] = {}
 
 
-def forget_cached_tokens() -> None:
-    """Make the next request of every device look its token up again (after a revocation in-process)."""
-    _token_cache.clear()
-
-
 async def get_db_engine(request: Request) -> Engine:
     # No I/O: async, so FastAPI runs it on the event loop instead of a thread-pool hop.
     engine: Engine = request.app.state.engine
@@ -46,6 +41,13 @@ def get_session(engine: Annotated[Engine, Depends(get_db_engine)]) -> Iterator[S
 DbSession = Annotated[Session, Depends(get_session)]
 
 
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def _lookup_device(engine: Engine, token: str) -> AuthenticatedDevice | None:
     with session_scope(engine) as session:
         row = authenticate(session=session, token=token)
@@ -53,10 +55,8 @@ def _lookup_device(engine: Engine, token: str) -> AuthenticatedDevice | None:
 
 
 async def device_token(request: Request, engine: Annotated[Engine, Depends(get_db_engine)]) -> AuthenticatedDevice:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(request)
+    if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail="Authorization: a device token is required (Authorization: Bearer <token>)",

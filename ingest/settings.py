@@ -38,7 +38,6 @@ class Settings(BaseSettings):
     # PostgreSQL session (7 ms of server CPU each), which under load snowballed into a collapse.
     api_threads: int = 8
     device_token_cache_s: float = Field(default=10.0, ge=0, description="how long a device token stays trusted")
-    sku_cache_s: float = Field(default=60.0, ge=0, description="how long SKU master rows are cached by the POS API")
     ingest_batch_size: int = 2000
     ingest_batch_ms: int = 200
     # Alert delivery: retries back off from notify_backoff_s, doubling up to notify_backoff_max_s.

@@ -225,7 +225,20 @@ def parse_definition(kind: str, text: str, source: str = "<text>") -> FlowDefini
 def store_definition(*, session: Session, kind: str, text: str, source: str) -> tuple[int, bool]:
     """Validate and keep a definition; returns (version, created). Unchanged content keeps its version."""
     definition = parse_definition(kind, text, source)
-    content = definition.model_dump(mode="json", by_alias=True, exclude={"version"})
+    version, created = store_version(
+        session=session, kind=kind, content=definition.model_dump(mode="json", by_alias=True, exclude={"version"}),
+        source=source,
+    )  # fmt: skip
+    if created:
+        forget_active_definitions()
+    return version, created
+
+
+def store_version(*, session: Session, kind: str, content: dict[str, Any], source: str) -> tuple[int, bool]:
+    """Keep `content` as the next version of a config kind; returns (version, created).
+
+    Unchanged content (same checksum as the newest version) keeps its version.
+    """
     checksum = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     latest = session.scalars(
         select(ConfigVersion).where(ConfigVersion.kind == kind).order_by(ConfigVersion.version.desc()).limit(1)
@@ -240,7 +253,6 @@ def store_definition(*, session: Session, kind: str, text: str, source: str) -> 
         )
     )  # fmt: skip
     session.flush()
-    forget_active_definitions()
     return version, True
 
 

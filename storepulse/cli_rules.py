@@ -162,12 +162,10 @@ def scheduler() -> None:
     from store_rules.alerts.scheduler import RuleScheduler
 
     settings = get_settings()
-    policy = DeliveryPolicy(
-        backoff_s=settings.notify_backoff_s, backoff_max_s=settings.notify_backoff_max_s,
-        max_attempts=settings.notify_max_attempts, public_url=settings.public_url,
-    )  # fmt: skip
     runner = RuleScheduler(
-        get_engine(settings.effective_database_url), policy=policy, delivery_interval_s=settings.notify_interval_s
+        get_engine(settings.effective_database_url),
+        policy=DeliveryPolicy.from_settings(settings),
+        delivery_interval_s=settings.notify_interval_s,
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -243,7 +241,7 @@ def alerts_deliver() -> None:
     settings = get_settings()
     report = deliver_due(
         engine=get_engine(settings.effective_database_url),
-        policy=DeliveryPolicy(public_url=settings.public_url, max_attempts=settings.notify_max_attempts),
+        policy=DeliveryPolicy.from_settings(settings),
     )
     typer.echo(
         f"claimed {report.claimed}, sent {report.sent} in {report.messages} message(s) ({report.digests} digests), "

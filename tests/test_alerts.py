@@ -21,6 +21,7 @@ from store_rules.alerts.definitions import (
     RuleDefinitionError,
     load_rules_dir,
     parse_rule,
+    store_rule,
     stored_rule,
     stored_rules,
 )
@@ -141,8 +142,6 @@ def test_acknowledge_resolve_and_escalation(chain: Engine) -> None:
     scenario(chain)
     rule = seed_rule()
     with session_scope(chain) as session:
-        from store_rules.alerts.definitions import store_rule
-
         store_rule(session=session, rule=rule, source="test")
     for day in (D1, D2, D3):
         evaluate(chain, rule, day)
@@ -169,7 +168,13 @@ def test_acknowledge_resolve_and_escalation(chain: Engine) -> None:
         history = [(t.action, t.from_status, t.to_status, t.actor, t.note) for t in service.transitions(
             session=session, alert_id=alert_id)]  # fmt: skip
         assert history == [
-            ("raised", None, "open", "system", history[0][4]),
+            (
+                "raised",
+                None,
+                "open",
+                "system",
+                "Wenzhou Lucheng: insurance pass rate below 65 % for 2 business days in a row (70.0 %, 60.0 %, 62.0 %)",
+            ),
             ("escalated", "open", "open", "system", "not acknowledged within 24 h"),
             ("acknowledged", "open", "acknowledged", "sup-zj", "called the store"),
             ("resolved", "acknowledged", "resolved", "sup-zj", "staff retrained"),
@@ -345,3 +350,28 @@ def test_acknowledging_through_the_api_moves_timeliness_and_respects_scope(chain
         assert detail["transitions"][1]["note"] == "打电话给店长"
         resolved = call("POST", f"/alerts/{alert_ids['S001']}/resolve", "hq", json={"note": "done"})
         assert resolved.status_code == 200 and resolved.json()["resolved_by"] == "hq-1"
+
+
+def test_each_store_is_evaluated_for_its_own_last_closed_business_day(chain: Engine) -> None:
+    """At 2026-11-20 02:00 UTC it is already the 20th in Shanghai but still the 19th in New York."""
+    from ingest.models import Store
+
+    now = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
+    with session_scope(chain) as session:
+        shanghai = session.get(Store, "S001")
+        assert shanghai is not None
+        new_york = Store(
+            store_id="S900", region_id="R-SH", name_zh="纽约店", name_en="New York", timezone="America/New_York"
+        )
+        session.add(new_york)
+        session.flush()
+        assert service.last_closed_day(shanghai, now) == date(2026, 11, 19)
+        assert service.last_closed_day(new_york, now) == date(2026, 11, 18)
+    # A streak in New York closing on the 18th raises when evaluated at that moment, with no `day` given.
+    # insurance_day writes from 09:00 Shanghai time: 20:00 the evening before in New York.
+    ingest(
+        chain, [e for d in (date(2026, 11, 18), date(2026, 11, 19)) for e in insurance_day(d, 1, 9, store_id="S900")]
+    )
+    with session_scope(chain) as session:
+        report = service.evaluate_rule(session=session, rule=seed_rule(), now=now, channels=CHANNELS)
+    assert report.raised == ["pass_rate_watch|S900||2026-11-17"]

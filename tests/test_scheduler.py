@@ -36,6 +36,10 @@ def start_scheduler(engine: Engine, robot_url: str, log: Path) -> subprocess.Pop
     )  # fmt: skip
 
 
+def logs_of(folder: Path) -> str:
+    return (folder / "first.log").read_text() + (folder / "second.log").read_text()
+
+
 def test_two_schedulers_raise_and_notify_once_and_stop_on_sigterm(pg_chain: Engine, tmp_path: Path) -> None:
     today = datetime.now(SHANGHAI).date()
     d1, d2, d3 = (today - timedelta(days=n) for n in (3, 2, 1))  # the last three closed business days
@@ -57,7 +61,7 @@ def test_two_schedulers_raise_and_notify_once_and_stop_on_sigterm(pg_chain: Engi
             assert robot.wait_for(1, timeout=30), (tmp_path / "first.log").read_text()
             time.sleep(3)  # both had time to evaluate and deliver, if both could
             assert len(robot.requests) == 1
-            logs = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
+            logs = logs_of(tmp_path)
             assert logs.count("scheduler lock acquired") == 1
             assert "another scheduler is active; waiting for the scheduler lock" in logs
             active, waiting = (first, second) if "lock acquired" in (tmp_path / "first.log").read_text() else (
@@ -66,9 +70,7 @@ def test_two_schedulers_raise_and_notify_once_and_stop_on_sigterm(pg_chain: Engi
             assert active.wait(timeout=20) == 0
             # The waiting scheduler takes over, re-evaluates the same window and raises nothing new.
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and "lock acquired" not in (
-                (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
-            ).replace("scheduler lock acquired", "", 1):
+            while time.monotonic() < deadline and logs_of(tmp_path).count("scheduler lock acquired") < 2:
                 time.sleep(0.2)
             time.sleep(2)
             waiting.send_signal(signal.SIGTERM)
@@ -77,7 +79,7 @@ def test_two_schedulers_raise_and_notify_once_and_stop_on_sigterm(pg_chain: Engi
             for process in (first, second):
                 if process.poll() is None:
                     process.kill()
-        logs = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
+        logs = logs_of(tmp_path)
         assert logs.count("scheduler lock acquired") == 2, logs
         assert logs.count("scheduler stopped, lock released") == 2
         assert len(robot.requests) == 1

@@ -8,7 +8,7 @@ A draft rule (``enabled: false``, or a file not loaded yet) can be back-tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -64,7 +64,7 @@ class MemorySink:
         if index is None:
             return 0
         alert = self.alerts[index]
-        self.alerts[index] = BacktestAlert(**{**alert.__dict__, "resolved_on": day})
+        self.alerts[index] = replace(alert, resolved_on=day)
         return 1
 
 

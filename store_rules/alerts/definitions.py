@@ -9,12 +9,9 @@ the line and the reason, and a load with any bad file stores nothing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store_rules.definitions import Text
+from store_rules.definitions import Text, store_version
 from store_rules.models import ConfigVersion
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "seeds" / "rules"
@@ -280,23 +277,6 @@ def parse_channels(text: str, source: str = "<text>") -> ChannelSet:
 # --- versions in the database -------------------------------------------------------------
 
 
-def _store(session: Session, kind: str, content: dict[str, Any], source: str) -> tuple[int, bool]:
-    checksum = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    latest = session.scalars(
-        select(ConfigVersion).where(ConfigVersion.kind == kind).order_by(ConfigVersion.version.desc()).limit(1)
-    ).first()
-    if latest is not None and latest.checksum == checksum:
-        return latest.version, False
-    version = (latest.version if latest else 0) + 1
-    session.add(
-        ConfigVersion(
-            kind=kind, version=version, checksum=checksum, content=content, source=source, loaded_at=datetime.now(UTC)
-        )
-    )
-    session.flush()
-    return version, True
-
-
 @dataclass(frozen=True)
 class LoadResult:
     kind: str
@@ -306,8 +286,16 @@ class LoadResult:
 
 
 def store_rule(*, session: Session, rule: AnyRule, source: str) -> LoadResult:
-    version, created = _store(session, RULE_KIND_PREFIX + rule.id, rule.model_dump(mode="json", by_alias=True), source)
-    return LoadResult(RULE_KIND_PREFIX + rule.id, version, created, rule.enabled)
+    kind = RULE_KIND_PREFIX + rule.id
+    content = rule.model_dump(mode="json", by_alias=True)
+    version, created = store_version(session=session, kind=kind, content=content, source=source)
+    return LoadResult(kind, version, created, rule.enabled)
+
+
+def store_channels(*, session: Session, channels: ChannelSet, source: str) -> LoadResult:
+    content = channels.model_dump(mode="json")
+    version, created = store_version(session=session, kind=CHANNELS_KIND, content=content, source=source)
+    return LoadResult(CHANNELS_KIND, version, created)
 
 
 def load_rules_dir(*, session: Session, directory: Path = RULES_DIR) -> list[LoadResult]:
@@ -333,9 +321,7 @@ def load_rules_dir(*, session: Session, directory: Path = RULES_DIR) -> list[Loa
         raise RuleDefinitionError("\n".join(errors))
     results = [store_rule(session=session, rule=rule, source=source) for rule, source in rules]
     if channels is not None:
-        content = channels[0].model_dump(mode="json")
-        version, created = _store(session, CHANNELS_KIND, content, channels[1])
-        results.append(LoadResult(CHANNELS_KIND, version, created))
+        results.append(store_channels(session=session, channels=channels[0], source=channels[1]))
     return results
 
 

@@ -22,12 +22,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from adapters.notify import DeliveryResult, Message, NotifierConfigError, notifier_for
 from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from adapters.notify import DeliveryResult, Message, NotifierConfigError, notifier_for
 from ingest.db import session_scope
 from ingest.models import Store
+from ingest.settings import Settings
 from store_rules.alerts.definitions import ChannelDefinition, ChannelSet, active_channels
 from store_rules.alerts.models import FAILED, PENDING, SENDING, SENT, Alert, Notification, NotificationAttempt
 from store_rules.alerts.service import masked_evidence
@@ -35,7 +36,6 @@ from store_rules.alerts.service import masked_evidence
 log = logging.getLogger(__name__)
 
 SEVERITY = {"low": ("低", "low"), "medium": ("中", "medium"), "high": ("高", "high"), "critical": ("紧急", "critical")}
-DIGEST_MAX_ALERTS = 15
 ENV_REF = re.compile(r"\$\{([A-Z0-9_]+)\}")
 
 
@@ -46,6 +46,13 @@ class DeliveryPolicy:
     max_attempts: int = 10
     lease_s: float = 120.0
     public_url: str = "http://127.0.0.1:8000"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryPolicy:
+        return cls(
+            backoff_s=settings.notify_backoff_s, backoff_max_s=settings.notify_backoff_max_s,
+            max_attempts=settings.notify_max_attempts, public_url=settings.public_url,
+        )  # fmt: skip
 
     def backoff(self, attempts: int) -> timedelta:
         return timedelta(seconds=min(self.backoff_max_s, self.backoff_s * 2 ** max(attempts - 1, 0)))
@@ -294,8 +301,8 @@ def _deliver_channel(
     if len(items) <= budget:
         groups = [[item] for item in items]
     else:
+        # As few digests as the budget needs; a long one is cut by the robot adapter's size limit.
         size = max(math.ceil(len(items) / budget), 2)
-        size = min(size, DIGEST_MAX_ALERTS) if math.ceil(len(items) / DIGEST_MAX_ALERTS) <= budget else size
         groups = [items[i : i + size] for i in range(0, len(items), size)]
     for group in groups:
         if len(group) == 1:

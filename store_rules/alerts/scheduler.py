@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
 from ingest.db import session_scope
-from store_rules.alerts.definitions import AnyRule, stored_rules
+from store_rules.alerts.definitions import AnyRule, stored_rule, stored_rules
 from store_rules.alerts.delivery import DeliveryPolicy, deliver_due
 from store_rules.alerts.service import escalate_due, evaluate_rule
 
@@ -123,8 +123,8 @@ class RuleScheduler:
 
     def _evaluate(self, rule_id: str) -> None:
         with session_scope(self.engine) as session:
-            rule = next((r for r in stored_rules(session=session, enabled_only=True) if r.id == rule_id), None)
-            if rule is not None:
+            rule = stored_rule(session=session, rule_id=rule_id)
+            if rule is not None and rule.enabled:
                 evaluate_rule(session=session, rule=rule)
 
     def _deliver(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -330,7 +330,7 @@ def _with_evidence(session: Session, candidate: Candidate, store: Store) -> Cand
         return candidate
     first = candidate.day - timedelta(days=rule.params.evidence_days - 1)
     evidence = failed_insurance_checks(session=session, store=store, first=first, last=candidate.day)
-    return Candidate(**{**candidate.__dict__, "evidence": evidence})
+    return replace(candidate, evidence=evidence)
 
 
 def evaluate_day(
@@ -372,8 +372,8 @@ def evaluate_rule(
     for store in scope_stores(session=session, rule=rule, store_ids=store_ids):
         by_day[day or last_closed_day(store, now)].append(store)
     total = EvaluationReport(rule.id)
+    metric_rule = metric_rule_for(rule)
     for when, stores in sorted(by_day.items()):
-        metric_rule = metric_rule_for(rule)
         if metric_rule is not None:
             source.preload([s.store_id for s in stores], when - timedelta(days=metric_rule.lookback_days), when)
         report = evaluate_day(session=session, rule=rule, stores=stores, day=when, sink=sink, source=source)
