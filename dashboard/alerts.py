@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
 from dashboard.deps import bearer_token, get_db_engine
 from ingest.db import session_scope
@@ -69,6 +70,23 @@ def alert_json(alert: Alert, full_evidence: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def list_scope(session: Session, user: Principal, store_id: str | None) -> tuple[list[str] | None, str | None]:
+    """(store ids, region id) a list may show the caller: the own store, the own region or the chain.
+
+    Asking for a store outside the caller's scope is refused (403), not answered with an empty list.
+    """
+    store_ids: list[str] | None = None
+    region_id = user.region_id if user.role == "supervisor" else None
+    if not user.chain_wide and user.role != "supervisor":
+        store_ids = [user.store_id or ""]
+    if store_id is not None:
+        store = session.get(Store, store_id)
+        if store is None or not user.sees_store(store.store_id, store.region_id):
+            raise HTTPException(403, detail=f"store_id: store {store_id!r} is outside your scope")
+        store_ids = [store_id]
+    return store_ids, region_id
+
+
 def _may_act(user: Principal, alert: Alert) -> bool:
     """Acknowledging and resolving: the level's people (and those above), in their scope."""
     if user.chain_wide:
@@ -92,17 +110,7 @@ def alerts_list(
 ) -> dict[str, Any]:
     """Alerts in the caller's scope, newest first."""
     with session_scope(request.app.state.engine) as session:
-        store_ids = None
-        region_id = None
-        if user.role == "supervisor":
-            region_id = user.region_id
-        elif not user.chain_wide:
-            store_ids = [user.store_id or ""]
-        if store_id is not None:
-            store = session.get(Store, store_id)
-            if store is None or not user.sees_store(store.store_id, store.region_id):
-                raise HTTPException(403, detail=f"store_id: store {store_id!r} is outside your scope")
-            store_ids = [store_id]
+        store_ids, region_id = list_scope(session, user, store_id)
         rows = service.list_alerts(
             session=session, status=status, store_ids=store_ids, region_id=region_id, limit=min(limit, 1000)
         )

@@ -80,6 +80,7 @@ def pos_scan(body: ScanIn, request: Request, device: Device) -> dict[str, Any]:
         return counter.scan(
             session=session, store_id=body.store_id, receipt_id=body.receipt_id, sku=body.sku,
             consultation_id=body.consultation_id, kind=body.kind,
+            promotions_cache_s=request.app.state.settings.promotions_cache_s,
         )  # fmt: skip
 
 

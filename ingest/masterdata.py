@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ingest.models import Base, Member, Region, Sensor, Sku, Staff, Store, Terminal
+from ingest.models import Base, Member, Region, SafetyStock, Sensor, Sku, Staff, Store, Terminal
 
 _TRUE = {"1", "true", "yes", "y", "是", "t", "x"}
 _FALSE = {"0", "false", "no", "n", "否", "f", ""}
@@ -122,6 +122,27 @@ class MemberRow(_Row):
     phone_last4: Annotated[str | None, BeforeValidator(_blank_to_none), StringConstraints(pattern=r"^\d{4}$")] = None
 
 
+class SafetyStockRow(_Row):
+    store_id: Key  # "*" for the chain-wide default of the SKU
+    sku: Key
+    safety_stock: Decimal
+    lead_time_days: Annotated[int, BeforeValidator(lambda v: 7 if v in ("", None) else v)] = 7
+
+    @field_validator("safety_stock")
+    @classmethod
+    def _not_negative(cls, value: Decimal) -> Decimal:
+        if value < 0 or not value.is_finite():
+            raise ValueError("must be a number ≥ 0")
+        return value
+
+    @field_validator("lead_time_days")
+    @classmethod
+    def _lead_time(cls, value: int) -> int:
+        if not 0 <= value <= 365:
+            raise ValueError("must be between 0 and 365 days")
+        return value
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -130,6 +151,8 @@ class Kind:
     key: tuple[str, ...]
     # (column, kind it refers to) pairs checked before anything is written
     references: tuple[tuple[str, str], ...] = ()
+    # a value that refers to nothing on purpose (the chain-wide "*" of safety stock)
+    wildcard: str | None = None
 
 
 KINDS: dict[str, Kind] = {
@@ -142,6 +165,14 @@ KINDS: dict[str, Kind] = {
         Kind("skus", SkuRow, Sku, ("sku",)),
         Kind("staff", StaffRow, Staff, ("staff_id",), (("store_id", "stores"),)),
         Kind("members", MemberRow, Member, ("member_id",), (("home_store_id", "stores"),)),
+        Kind(
+            "safety_stock",
+            SafetyStockRow,
+            SafetyStock,
+            ("store_id", "sku"),
+            (("store_id", "stores"), ("sku", "skus")),
+            wildcard="*",
+        ),
     )
 }
 IMPORT_ORDER = tuple(KINDS)
@@ -269,7 +300,7 @@ def import_file(
                 continue
             for column, target in spec.references:
                 value = getattr(row, column)
-                if value is None:
+                if value is None or (spec.wildcard is not None and value == spec.wildcard):
                     continue
                 if target not in known:
                     target_spec = KINDS[target]

@@ -248,6 +248,30 @@ class StockLot(Base):
     __table_args__ = (Index("ix_stock_lots_store_sku_time", "store_id", "sku", "occurred_at"),)
 
 
+class SafetyStock(Base):
+    """Safety stock and replenishment lead time per store × SKU; store_id "*" is the chain-wide default."""
+
+    __tablename__ = "safety_stock"
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sku: Mapped[str] = mapped_column(String(64), primary_key=True)
+    safety_stock: Mapped[Decimal] = mapped_column(Quantity)
+    lead_time_days: Mapped[int] = mapped_column(Integer, default=7)
+
+
+class PromotionAck(Base):
+    """A till's acknowledgement that it applied a version of its store's promotion set.
+
+    Written by the ingest worker (MQTT ack topic) and the HTTP ack route; a redelivered ack is a no-op.
+    """
+
+    __tablename__ = "promotion_acks"
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    terminal_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    promotions_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    acked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    source: Mapped[str] = mapped_column(String(200))
+
+
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
 from ingest.db import session_scope
-from ingest.service import Inbound, dead_letter, ingest_inbound
+from ingest.service import AckError, Inbound, dead_letter, ingest_inbound, parse_ack, record_promotion_ack
 from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,19 @@ TOPIC_TYPES: dict[str, frozenset[str]] = {
 
 
 def subscriptions(prefix: str, shared_group: str | None) -> list[str]:
-    topics = [f"{prefix}/+/pos/+/events", f"{prefix}/+/footfall/+", f"{prefix}/+/stock"]
+    topics = [f"{prefix}/+/pos/+/events", f"{prefix}/+/pos/+/ack", f"{prefix}/+/footfall/+", f"{prefix}/+/stock"]
     if shared_group:
         topics = [f"$share/{shared_group}/{topic}" for topic in topics]
     return topics
 
 
 def parse_topic(prefix: str, topic: str) -> tuple[str, str] | None:
-    """(store_id, topic kind) of an event topic, or None for anything else."""
+    """(store_id, topic kind) of an event or ack topic, or None for anything else."""
     if not topic.startswith(prefix + "/"):
         return None
     parts = topic[len(prefix) + 1 :].split("/")
-    if len(parts) == 4 and parts[1] == "pos" and parts[3] == "events" and parts[0] and parts[2]:
-        return parts[0], "pos"
+    if len(parts) == 4 and parts[1] == "pos" and parts[3] in ("events", "ack") and parts[0] and parts[2]:
+        return parts[0], "pos" if parts[3] == "events" else "ack"
     if len(parts) == 3 and parts[1] == "footfall" and parts[0] and parts[2]:
         return parts[0], "footfall"
     if len(parts) == 2 and parts[1] == "stock" and parts[0]:
@@ -75,13 +75,23 @@ class Received:
     arrived: float
 
 
+@dataclass(frozen=True)
+class TillAck:
+    """A till's `{"promotions_version": N}` on `.../pos/{terminal_id}/ack`."""
+
+    store_id: str
+    terminal_id: str
+    version: int
+
+
 @dataclass
 class Decoded:
-    """A message turned into contract payloads, or into a dead letter when it is not even that."""
+    """A message turned into contract payloads (or an ack), or into a dead letter when it is neither."""
 
     message: Received
     items: list[Inbound] = field(default_factory=list)
     dead_reason: str | None = None
+    ack: TillAck | None = None
 
 
 def decode(message: Received, prefix: str) -> Decoded:
@@ -93,6 +103,12 @@ def decode(message: Received, prefix: str) -> Decoded:
         body = orjson.loads(message.payload)
     except orjson.JSONDecodeError as exc:
         return Decoded(message, dead_reason=f"payload: not valid JSON ({exc})")
+    if kind == "ack":
+        try:
+            version = parse_ack(body)
+        except AckError as exc:
+            return Decoded(message, dead_reason=str(exc))
+        return Decoded(message, ack=TillAck(store_id, message.topic.split("/")[-2], version))
     if isinstance(body, dict) and "events" in body and "type" not in body:
         events = body["events"]
         if not isinstance(events, list):
@@ -244,6 +260,14 @@ class IngestWorker:
         with session_scope(self.engine) as session:
             results = ingest_inbound(items, session=session)
             for d in decoded:
+                if d.ack is not None:
+                    try:
+                        record_promotion_ack(
+                            session=session, store_id=d.ack.store_id, terminal_id=d.ack.terminal_id,
+                            version=d.ack.version, source=f"mqtt:{d.message.topic}",
+                        )  # fmt: skip
+                    except AckError as exc:
+                        d.dead_reason = str(exc)
                 if d.dead_reason is not None:
                     dead_letter(
                         session=session,

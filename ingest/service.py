@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from ingest.contract import ContractError, Event, parse_event
 from ingest.hooks import run_accepted_hooks
-from ingest.models import DeadLetter, Store
+from ingest.models import DeadLetter, PromotionAck, Store
 from ingest.writers import BatchRefused, get_writer
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,42 @@ def dead_letter(
     dialect = session.get_bind().dialect.name
     insert_fn = postgresql_insert if dialect == "postgresql" else sqlite_insert
     session.execute(insert_fn(DeadLetter).values(row).on_conflict_do_nothing())
+
+
+class AckError(ValueError):
+    """A promotion acknowledgement that cannot be recorded; the message names the field."""
+
+
+def parse_ack(body: Any) -> int:
+    """The promotions version of an ack payload `{"promotions_version": N}`."""
+    if not isinstance(body, dict):
+        raise AckError('payload: expected an object {"promotions_version": N}')
+    version = body.get("promotions_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise AckError(f"promotions_version: expected a positive integer, got {version!r}")
+    return version
+
+
+def record_promotion_ack(
+    *, session: Session, store_id: str, terminal_id: str, version: int, source: str, at: datetime | None = None
+) -> bool:
+    """Record that a till applied a promotion-set version; False when it was already recorded."""
+    if not terminal_id or len(terminal_id) > 64:
+        raise AckError("terminal_id: expected 1 to 64 characters")
+    if session.get(Store, store_id) is None:
+        raise AckError(f"store_id: unknown store {store_id!r}")
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert_fn(PromotionAck)
+        .values(
+            store_id=store_id, terminal_id=terminal_id, promotions_version=version,
+            acked_at=at or datetime.now(UTC), source=storable_text(source)[:200],
+        )
+        .on_conflict_do_nothing()
+        .returning(PromotionAck.terminal_id)
+    )  # fmt: skip
+    return session.execute(statement).first() is not None
 
 
 def known_store_ids(*, session: Session) -> set[str]:

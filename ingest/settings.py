@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     notify_backoff_max_s: float = Field(default=600.0, gt=0)
     notify_max_attempts: int = Field(default=10, ge=1)
     notify_interval_s: float = Field(default=5.0, gt=0, description="how often the scheduler delivers")
+    # How approved promotions reach tills: "auto" (MQTT when mqtt_url is set, else HTTP only),
+    # "mqtt" or "http_only" (tills poll GET /api/v1/stores/{id}/promotions).
+    promotion_publisher: str = "auto"
+    promotions_cache_s: float = Field(default=2.0, ge=0, description="how long a scan may see an older set")
     # Where people open StorePulse: links in WeCom / DingTalk messages point here.
     public_url: str = "http://127.0.0.1:8000"
     secret_key: str = PLACEHOLDER_SECRET

@@ -29,6 +29,7 @@ from store_rules.definitions import (
 )
 from store_rules.flow import Consultation, StepRecord, StepRefused
 from store_rules.models import ComplianceViolation
+from store_rules.promotions.service import active_for_sku
 
 
 class CounterError(ValueError):
@@ -119,6 +120,7 @@ def scan(
     sku: str,
     consultation_id: str | None = None,
     kind: str = "sale",
+    promotions_cache_s: float = 2.0,
 ) -> dict[str, Any]:
     """What the till shows when a SKU is scanned: prompts, the flow status and promotions."""
     master = cached_skus(session, [sku]).get(sku)
@@ -148,8 +150,11 @@ def scan(
         "name": {"zh-CN": master.name_zh, "en": master.name_en} if master else None,
         "prompts": prompts,
         "flow": flow_json,
-        # Promotions reach the till with the promotions issue; the field is part of the contract now.
-        "promotions": [],
+        "promotions": (
+            active_for_sku(session=session, store_id=store_id, sku=sku, ttl_s=promotions_cache_s)
+            if kind == "sale"
+            else []
+        ),
     }
 
 

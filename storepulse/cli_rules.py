@@ -158,6 +158,7 @@ def rules_backtest(
 
 def scheduler() -> None:
     """Evaluate the enabled rules on their cadence, deliver and escalate alerts (one active per database)."""
+    from adapters.publish import publisher_for
     from store_rules.alerts.delivery import DeliveryPolicy
     from store_rules.alerts.scheduler import RuleScheduler
 
@@ -166,6 +167,7 @@ def scheduler() -> None:
         get_engine(settings.effective_database_url),
         policy=DeliveryPolicy.from_settings(settings),
         delivery_interval_s=settings.notify_interval_s,
+        publisher=publisher_for(settings.promotion_publisher, settings),
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:

@@ -29,6 +29,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TRUNCATE_ORDER = (
+    "promotion_audit",
+    "promotion_sets",
+    "promotions",
+    "promotion_acks",
+    "safety_stock",
     "notification_attempts",
     "notifications",
     "alert_transitions",
@@ -104,8 +109,10 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def empty_tables(engine: Engine) -> None:
     from store_rules.definitions import forget_active_definitions
+    from store_rules.promotions.service import forget_cached_sets
 
     forget_active_definitions()
+    forget_cached_sets()
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text(f"TRUNCATE {', '.join(TRUNCATE_ORDER)} RESTART IDENTITY CASCADE"))

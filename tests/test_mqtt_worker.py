@@ -87,7 +87,8 @@ def test_topics_and_shared_subscriptions() -> None:
     assert parse_topic("storepulse/v1", "storepulse/v1/S001/pos/T1/events") == ("S001", "pos")
     assert parse_topic("storepulse/v1", "storepulse/v1/S001/footfall/door-1") == ("S001", "footfall")
     assert parse_topic("storepulse/v1", "storepulse/v1/S001/stock") == ("S001", "stock")
-    assert parse_topic("storepulse/v1", "storepulse/v1/S001/pos/T1/ack") is None
+    assert parse_topic("storepulse/v1", "storepulse/v1/S001/pos/T1/ack") == ("S001", "ack")
+    assert parse_topic("storepulse/v1", "storepulse/v1/S001/promotions") is None
     assert subscriptions("sp/v1", "ingest")[0] == "$share/ingest/sp/v1/+/pos/+/events"
 
 
@@ -106,8 +107,12 @@ def test_events_on_every_topic_are_stored_and_transport_errors_dead_lettered(
             (f"{prefix}/S001/footfall/door-1", f.receipt(101)),  # a receipt on the counter topic
             (f"{prefix}/S001/pos/T1/events", b"\xff not json"),
             (f"{prefix}/S001/pos/T1/events", {"events": "nope"}),
+            (f"{prefix}/S001/pos/T1/ack", {"promotions_version": 3}),
+            (f"{prefix}/S001/pos/T1/ack", {"promotions_version": 3}),  # a redelivered ack: stored once
+            (f"{prefix}/S001/pos/T2/ack", {"promotions_version": "3"}),
+            (f"{prefix}/S999/pos/T1/ack", {"promotions_version": 1}),
         ])  # fmt: skip
-        wait_for(lambda: scalar(chain, "SELECT count(*) FROM dead_letters") == 4)
+        wait_for(lambda: scalar(chain, "SELECT count(*) FROM dead_letters") == 6)
         wait_for(lambda: scalar(chain, "SELECT count(*) FROM stock_snapshots") == 1)
     assert scalar(chain, "SELECT count(*) FROM receipts") == 10
     assert scalar(chain, "SELECT count(*) FROM receipt_lines") == 40
@@ -120,9 +125,14 @@ def test_events_on_every_topic_are_stored_and_transport_errors_dead_lettered(
     assert reasons[0] == "events: must be a list of events"
     assert reasons[1].startswith("payload: not valid JSON (str is not valid UTF-8")
     assert reasons[2:] == [
+        "promotions_version: expected a positive integer, got '3'",
         "store_id: payload store 'S001' does not match topic store 'S002'",
+        "store_id: unknown store 'S999'",
         "type: 'receipt' events are not accepted on the footfall topic",
     ]
+    with session_scope(chain) as session:
+        acks = session.execute(text("SELECT store_id, terminal_id, promotions_version FROM promotion_acks")).all()
+    assert [tuple(a) for a in acks] == [("S001", "T1", 3)]
     mismatch = "store_id: payload store 'S001' does not match topic store 'S002'"
     assert (f"mqtt:{prefix}/S002/pos/T1/events", mismatch) in letters
 

@@ -40,8 +40,8 @@ class MemorySink:
     _keys: set[str] = field(default_factory=set)
     day: date | None = None
 
-    def unresolved(self, rule_id: str, store_id: str, subject: str | None) -> bool:
-        return (rule_id, store_id, subject) in self._open
+    def unresolved(self, rule: AnyRule, store_id: str, subject: str | None) -> bool:
+        return (rule.id, store_id, subject) in self._open
 
     def raise_alert(self, candidate: Candidate) -> bool:
         if candidate.dedup_key in self._keys:

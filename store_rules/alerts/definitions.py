@@ -10,10 +10,10 @@ the line and the reason, and a load with any bad file stores nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -107,6 +107,32 @@ class SilenceParams(Strict):
         return self
 
 
+class DraftParams(Strict):
+    """What a rule that drafts promotions fills: the template, and how long a refusal keeps it quiet."""
+
+    template: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    cooldown_days: int = Field(
+        default=7, ge=0, le=365, description="after a rejected or expired draft, no new one for this store × SKU"
+    )
+
+
+class StockWatchParams(DraftParams):
+    growth_percent: float = Field(default=40, ge=0, description="last window's sales above the previous window's")
+    window_days: int = Field(default=7, ge=1, le=60)
+    min_previous_units: float = Field(default=1, gt=0, description="a window with fewer sales has no growth rate")
+
+
+class ExpiryWatchParams(DraftParams):
+    window_days: int = Field(default=90, ge=1, le=730, description="days before the expiry date a lot is at risk")
+    category_window_days: dict[str, int] = Field(default_factory=dict, description="per SKU category")
+    min_units: float = Field(default=1, gt=0, description="less at risk than this drafts nothing")
+
+
+class StockoutForecastParams(Strict):
+    sales_days: int = Field(default=7, ge=1, le=60, description="days of sales the daily rate is averaged over")
+    default_lead_time_days: int = Field(default=3, ge=0, le=120, description="for SKUs without master data")
+
+
 CADENCE = re.compile(r"^(\d+)(m|h)$")
 
 
@@ -151,9 +177,25 @@ class SilenceRule(RuleBase):
     params: SilenceParams
 
 
-RuleDefinition = Annotated[ThresholdStreakRule | ChangeRule | SilenceRule, Field(discriminator="type")]
-RULE_ADAPTER: TypeAdapter[ThresholdStreakRule | ChangeRule | SilenceRule] = TypeAdapter(RuleDefinition)
-AnyRule = ThresholdStreakRule | ChangeRule | SilenceRule
+class StockWatchRule(RuleBase):
+    type: Literal["stock_watch"]
+    params: StockWatchParams
+
+
+class ExpiryWatchRule(RuleBase):
+    type: Literal["expiry_watch"]
+    params: ExpiryWatchParams
+
+
+class StockoutForecastRule(RuleBase):
+    type: Literal["stockout_forecast"]
+    params: StockoutForecastParams
+
+
+AnyRule = ThresholdStreakRule | ChangeRule | SilenceRule | StockWatchRule | ExpiryWatchRule | StockoutForecastRule
+StockRule = StockWatchRule | ExpiryWatchRule | StockoutForecastRule
+RuleDefinition = Annotated[AnyRule, Field(discriminator="type")]
+RULE_ADAPTER: TypeAdapter[AnyRule] = TypeAdapter(RuleDefinition)
 
 
 class Audience(Strict):
@@ -225,7 +267,7 @@ def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
     return line
 
 
-def _problems(exc: ValidationError, root: yaml.Node | None, source: str, tagged: bool) -> str:
+def validation_problems(exc: ValidationError, root: yaml.Node | None, source: str, tagged: bool) -> str:
     lines = []
     for error in exc.errors(include_url=False):
         loc = list(error["loc"])
@@ -244,10 +286,10 @@ def _problems(exc: ValidationError, root: yaml.Node | None, source: str, tagged:
     return "; ".join(lines)
 
 
-_RULE_TYPES = ("threshold_streak", "change", "silence")
+_RULE_TYPES = ("threshold_streak", "change", "silence", "stock_watch", "expiry_watch", "stockout_forecast")
 
 
-def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+def compose_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     try:
         return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -256,22 +298,30 @@ def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         raise RuleDefinitionError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
-def parse_rule(text: str, source: str = "<text>") -> AnyRule:
-    content, root = _compose(text, source)
+M = TypeVar("M")
+
+
+def parse_yaml_mapping(text: str, source: str, validate: Callable[[Any], M], what: str, *, tagged: bool = False) -> M:
+    """One YAML mapping validated into a model; any problem names the file, line, field and reason."""
+    content, root = compose_yaml(text, source)
     if not isinstance(content, dict):
-        raise RuleDefinitionError(f"{source}:1: file: expected a mapping with the rule's fields")
+        raise RuleDefinitionError(f"{source}:1: file: expected a mapping with the {what}'s fields")
     try:
-        return RULE_ADAPTER.validate_python(content)
+        return validate(content)
     except ValidationError as exc:
-        raise RuleDefinitionError(_problems(exc, root, source, tagged=True)) from None
+        raise RuleDefinitionError(validation_problems(exc, root, source, tagged=tagged)) from None
+
+
+def parse_rule(text: str, source: str = "<text>") -> AnyRule:
+    return parse_yaml_mapping(text, source, RULE_ADAPTER.validate_python, "rule", tagged=True)
 
 
 def parse_channels(text: str, source: str = "<text>") -> ChannelSet:
-    content, root = _compose(text, source)
+    content, root = compose_yaml(text, source)
     try:
         return ChannelSet.model_validate(content or {})
     except ValidationError as exc:
-        raise RuleDefinitionError(_problems(exc, root, source, tagged=False)) from None
+        raise RuleDefinitionError(validation_problems(exc, root, source, tagged=False)) from None
 
 
 # --- versions in the database -------------------------------------------------------------
@@ -298,8 +348,13 @@ def store_channels(*, session: Session, channels: ChannelSet, source: str) -> Lo
     return LoadResult(CHANNELS_KIND, version, created)
 
 
-def load_rules_dir(*, session: Session, directory: Path = RULES_DIR) -> list[LoadResult]:
-    """Validate every file of the directory, then store the changed ones; a bad file stores nothing."""
+def load_rules_dir(
+    *, session: Session, directory: Path = RULES_DIR, known_templates: set[str] | None = None
+) -> list[LoadResult]:
+    """Validate every file of the directory, then store the changed ones; a bad file stores nothing.
+
+    With `known_templates`, a drafting rule that names another promotion template is a bad file.
+    """
     rules: list[tuple[AnyRule, str]] = []
     channels: tuple[ChannelSet, str] | None = None
     errors = []
@@ -315,6 +370,12 @@ def load_rules_dir(*, session: Session, directory: Path = RULES_DIR) -> list[Loa
             continue
         if rule.id in ids:
             errors.append(f"{path}:1: id: rule {rule.id!r} is also defined in {ids[rule.id]}")
+        drafting = isinstance(rule.params, DraftParams)
+        if known_templates is not None and drafting and rule.params.template not in known_templates:  # type: ignore[union-attr]
+            errors.append(
+                f"{path}: params.template: no promotion template {rule.params.template!r} "  # type: ignore[union-attr]
+                f"(known: {', '.join(sorted(known_templates)) or 'none'})"
+            )
         ids[rule.id] = str(path)
         rules.append((rule, str(path)))
     if errors:
@@ -325,7 +386,7 @@ def load_rules_dir(*, session: Session, directory: Path = RULES_DIR) -> list[Loa
     return results
 
 
-def _latest_rows(session: Session, kind_like: str) -> list[ConfigVersion]:
+def latest_config_rows(session: Session, kind_like: str) -> list[ConfigVersion]:
     rows = session.scalars(
         select(ConfigVersion)
         .where(ConfigVersion.kind.like(kind_like))
@@ -343,7 +404,7 @@ def rule_from_row(row: ConfigVersion) -> AnyRule:
 
 def stored_rules(*, session: Session, enabled_only: bool = False) -> list[AnyRule]:
     """The version in force of every stored rule (drafts included unless `enabled_only`)."""
-    rules = [rule_from_row(row) for row in _latest_rows(session, RULE_KIND_PREFIX + "%")]
+    rules = [rule_from_row(row) for row in latest_config_rows(session, RULE_KIND_PREFIX + "%")]
     return [r for r in rules if r.enabled or not enabled_only]
 
 
@@ -368,7 +429,7 @@ def rule_versions(*, session: Session, rule_id: str) -> list[ConfigVersion]:
 
 
 def active_channels(*, session: Session) -> ChannelSet:
-    rows = _latest_rows(session, CHANNELS_KIND)
+    rows = latest_config_rows(session, CHANNELS_KIND)
     if not rows:
         return ChannelSet()
     return ChannelSet.model_validate({**rows[0].content, "version": rows[0].version})

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import calendar
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from decimal import Decimal
 from typing import Any
 
 from store_rules.alerts.definitions import (
     AnyRule,
     ChangeParams,
     ChangeRule,
+    ExpiryWatchParams,
+    ExpiryWatchRule,
     SilenceParams,
     SilenceRule,
+    StockoutForecastParams,
+    StockoutForecastRule,
+    StockWatchParams,
+    StockWatchRule,
     ThresholdStreakParams,
     ThresholdStreakRule,
 )
 from store_rules.metrics import Ratio
+from store_rules.stock import SkuPosition
 
 # How far back a streak is followed to find its first day.
 EPISODE_LOOKBACK_DAYS = 30
@@ -206,6 +214,174 @@ class Silence:
                 )
             )  # fmt: skip
         return verdicts
+
+
+# --- stock rules: positions of one store in, one verdict per SKU out ---------------------------
+
+
+def _units(value: Decimal) -> float:
+    return float(value)
+
+
+class StockPositionRule(ABC):
+    """A rule over the stock positions of one store at the close of a business day.
+
+    `day` is the last business day whose sales count; `today` is the date expiry is counted from.
+    """
+
+    @property
+    @abstractmethod
+    def sales_days(self) -> int:
+        """Business days of sales, up to and including `day`, the rule reads."""
+
+    @abstractmethod
+    def evaluate(self, positions: Sequence[SkuPosition], day: date, today: date) -> list[Verdict]: ...
+
+
+class StockWatch(StockPositionRule):
+    """On-hand below safety stock while the last window's sales grew more than X % over the window before.
+
+    Fires strictly above the growth threshold and strictly below safety stock. A SKU without
+    safety stock, or whose previous window sold less than `min_previous_units`, is not judged.
+    Drafts are decided by people, so the rule never clears anything by itself.
+    """
+
+    def __init__(self, params: StockWatchParams) -> None:
+        self.params = params
+
+    @property
+    def sales_days(self) -> int:
+        return 2 * self.params.window_days
+
+    def evaluate(self, positions: Sequence[SkuPosition], day: date, today: date) -> list[Verdict]:
+        window = self.params.window_days
+        last_first = day - timedelta(days=window - 1)
+        previous_last = last_first - timedelta(days=1)
+        previous_first = previous_last - timedelta(days=window - 1)
+        verdicts = []
+        for position in positions:
+            if position.safety_stock is None:
+                continue
+            recent = position.sales(last_first, day)
+            previous = position.sales(previous_first, previous_last)
+            growth = None
+            if previous >= Decimal(str(self.params.min_previous_units)):
+                growth = (recent - previous) / previous * 100
+            below = position.on_hand < position.safety_stock
+            fired = below and growth is not None and growth > Decimal(str(self.params.growth_percent))
+            values = {
+                "sku": position.sku, "sku_name": position.name, "on_hand": _units(position.on_hand),
+                "safety_stock": _units(position.safety_stock), "snapshot_at": position.snapshot_at.isoformat(),
+                "sales_last": _units(recent), "sales_previous": _units(previous),
+                "last_window": [last_first.isoformat(), day.isoformat()],
+                "previous_window": [previous_first.isoformat(), previous_last.isoformat()],
+                "growth_percent": None if growth is None else round(float(growth), 1),
+                "threshold_percent": self.params.growth_percent,
+            }  # fmt: skip
+            verdicts.append(
+                Verdict(
+                    fired=fired, cleared=False, window_start=day if fired else None, window_end=day if fired else None,
+                    values=values, subject=position.sku,
+                )
+            )  # fmt: skip
+        return verdicts
+
+
+class ExpiryWatch(StockPositionRule):
+    """Lots whose expiry date falls within the window: after `today` and at most N days away.
+
+    The window is per SKU category when one is configured. Lots already expired are not
+    promoted (they must leave the shelf); they are listed in the values for the manager.
+    """
+
+    def __init__(self, params: ExpiryWatchParams) -> None:
+        self.params = params
+
+    @property
+    def sales_days(self) -> int:
+        return 0
+
+    def window_for(self, category: str | None) -> int:
+        return self.params.category_window_days.get(category or "", self.params.window_days)
+
+    def evaluate(self, positions: Sequence[SkuPosition], day: date, today: date) -> list[Verdict]:
+        verdicts = []
+        for position in positions:
+            window = self.window_for(position.category)
+            horizon = today + timedelta(days=window)
+            at_risk = [lot for lot in position.lots if lot.qty > 0 and today < lot.expires_on <= horizon]
+            expired = [lot for lot in position.lots if lot.qty > 0 and lot.expires_on <= today]
+            units = sum((lot.qty for lot in at_risk), Decimal(0))
+            fired = bool(at_risk) and units >= Decimal(str(self.params.min_units))
+            values = {
+                "sku": position.sku, "sku_name": position.name, "category": position.category,
+                "window_days": window, "horizon": horizon.isoformat(), "units_at_risk": _units(units),
+                "on_hand": _units(position.on_hand), "snapshot_at": position.snapshot_at.isoformat(),
+                "lots": [
+                    {"lot": lot.lot, "qty": _units(lot.qty), "expires_on": lot.expires_on.isoformat(),
+                     "days_left": (lot.expires_on - today).days}
+                    for lot in at_risk
+                ],
+                "expired_lots": [
+                    {"lot": lot.lot, "qty": _units(lot.qty), "expires_on": lot.expires_on.isoformat()}
+                    for lot in expired
+                ],
+            }  # fmt: skip
+            verdicts.append(
+                Verdict(
+                    fired=fired, cleared=False, window_start=today if fired else None,
+                    window_end=horizon if fired else None, values=values, subject=position.sku,
+                )
+            )  # fmt: skip
+        return verdicts
+
+
+class StockoutForecast(StockPositionRule):
+    """Days of cover (on-hand ÷ average daily sales) below the replenishment lead time."""
+
+    def __init__(self, params: StockoutForecastParams) -> None:
+        self.params = params
+
+    @property
+    def sales_days(self) -> int:
+        return self.params.sales_days
+
+    def evaluate(self, positions: Sequence[SkuPosition], day: date, today: date) -> list[Verdict]:
+        first = day - timedelta(days=self.params.sales_days - 1)
+        verdicts = []
+        for position in positions:
+            lead = (
+                position.lead_time_days if position.lead_time_days is not None else self.params.default_lead_time_days
+            )
+            daily = position.sales(first, day) / self.params.sales_days
+            if daily <= 0:
+                verdicts.append(Verdict(fired=False, cleared=True, subject=position.sku))
+                continue
+            cover = max(position.on_hand, Decimal(0)) / daily
+            fired = cover < lead
+            values = {
+                "sku": position.sku, "sku_name": position.name, "on_hand": _units(position.on_hand),
+                "average_daily_sales": round(float(daily), 2), "sales_window": [first.isoformat(), day.isoformat()],
+                "days_of_cover": round(float(cover), 1), "lead_time_days": lead,
+                "snapshot_at": position.snapshot_at.isoformat(),
+            }  # fmt: skip
+            verdicts.append(
+                Verdict(
+                    fired=fired, cleared=not fired, window_start=day if fired else None,
+                    window_end=day if fired else None, values=values, subject=position.sku,
+                )
+            )  # fmt: skip
+        return verdicts
+
+
+def stock_rule_for(rule: AnyRule) -> StockPositionRule | None:
+    if isinstance(rule, StockWatchRule):
+        return StockWatch(rule.params)
+    if isinstance(rule, ExpiryWatchRule):
+        return ExpiryWatch(rule.params)
+    if isinstance(rule, StockoutForecastRule):
+        return StockoutForecast(rule.params)
+    return None
 
 
 def metric_rule_for(rule: AnyRule) -> MetricRule | None:

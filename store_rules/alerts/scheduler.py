@@ -1,4 +1,7 @@
-"""`storepulse scheduler`: one APScheduler job per enabled rule, plus delivery and escalation.
+"""`storepulse scheduler`: one APScheduler job per enabled rule, plus delivery, escalation and promotions.
+
+The promotions job expires undecided drafts, ends promotions past their end and publishes any
+promotion set still unpublished (e.g. the broker was away when a manager approved).
 
 Only one scheduler is active per database: it holds a PostgreSQL advisory lock (a file lock
 next to the database on SQLite) for as long as it runs; a second instance waits for it and
@@ -21,10 +24,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
+from adapters.publish.base import PromotionPublisher
 from ingest.db import session_scope
 from store_rules.alerts.definitions import AnyRule, stored_rule, stored_rules
 from store_rules.alerts.delivery import DeliveryPolicy, deliver_due
 from store_rules.alerts.service import escalate_due, evaluate_rule
+from store_rules.promotions import service as promotions
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,12 @@ class RuleScheduler:
         delivery_interval_s: float = 5.0,
         reload_interval_s: float = 60.0,
         wait_interval_s: float = 5.0,
+        publisher: PromotionPublisher | None = None,
+        promotions_interval_s: float = 30.0,
     ) -> None:
         self.engine = engine
+        self.publisher = publisher
+        self.promotions_interval_s = promotions_interval_s
         self.policy = policy or DeliveryPolicy()
         self.delivery_interval_s = delivery_interval_s
         self.reload_interval_s = reload_interval_s
@@ -129,6 +138,12 @@ class RuleScheduler:
 
     def _deliver(self) -> None:
         deliver_due(engine=self.engine, worker=self.worker, policy=self.policy)
+
+    def _promotions(self) -> None:
+        with session_scope(self.engine) as session:
+            promotions.expire_due(session=session)
+        if self.publisher is not None:
+            promotions.publish_pending(engine=self.engine, publisher=self.publisher)
 
     def _escalate(self) -> None:
         with session_scope(self.engine) as session:
@@ -183,6 +198,8 @@ class RuleScheduler:
                 next_run_time=datetime.now(UTC))  # fmt: skip
             add(self._guard("escalate", self._escalate), "interval", seconds=60, id="escalate",
                 next_run_time=datetime.now(UTC))  # fmt: skip
+            add(self._guard("promotions", self._promotions), "interval", seconds=self.promotions_interval_s,
+                id="promotions", next_run_time=datetime.now(UTC))  # fmt: skip
             add(self._guard("reload-rules", self.sync_rule_jobs), "interval", seconds=self.reload_interval_s,
                 id="reload-rules")  # fmt: skip
             add(self._check_leadership, "interval", seconds=10, id="leadership")
@@ -190,6 +207,8 @@ class RuleScheduler:
         finally:
             log.info("stopping: waiting for running jobs to finish")
             self.scheduler.shutdown(wait=True)
+            if self.publisher is not None:
+                self.publisher.close()
             self.lock.release()
             log.info("scheduler stopped, lock released")
 

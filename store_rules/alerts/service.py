@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -30,6 +31,7 @@ from store_rules.alerts.definitions import (
     NEXT_LEVEL,
     AnyRule,
     ChannelSet,
+    DraftParams,
     SilenceRule,
     ThresholdStreakRule,
     active_channels,
@@ -44,11 +46,15 @@ from store_rules.alerts.models import (
     AlertTransition,
     Notification,
 )
-from store_rules.alerts.rules import MetricRule, Verdict, metric_rule_for, silence_rule_for
+from store_rules.alerts.rules import MetricRule, Verdict, metric_rule_for, silence_rule_for, stock_rule_for
 from store_rules.counter import mask_name
 from store_rules.definitions import active_flow
 from store_rules.flow import Consultation, StepRecord
 from store_rules.metrics import Ratio, store_days
+from store_rules.promotions import service as promotions
+from store_rules.promotions.models import Promotion
+from store_rules.promotions.templates import stored_template
+from store_rules.stock import close_of, positions
 
 log = logging.getLogger(__name__)
 SYSTEM = "system"
@@ -100,7 +106,7 @@ class Candidate:
 
 
 class AlertSink(Protocol):
-    def unresolved(self, rule_id: str, store_id: str, subject: str | None) -> bool: ...
+    def unresolved(self, rule: AnyRule, store_id: str, subject: str | None) -> bool: ...
 
     def raise_alert(self, candidate: Candidate) -> bool: ...
 
@@ -266,6 +272,53 @@ def masked_evidence(evidence: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- the texts ----------------------------------------------------------------------------
 
 
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _stock_watch_summary(store: dict[str, str], v: dict[str, Any]) -> dict[str, str]:
+    name = v["sku_name"]
+    first, last = (date.fromisoformat(d) for d in v["last_window"])
+    days = (last - first).days + 1
+    growth = v["growth_percent"]
+    sales_zh = f"近 {days} 天销量 {_num(v['sales_last'])}（此前 {days} 天 {_num(v['sales_previous'])}，+{growth}%）"
+    return {
+        "zh-CN": f"{store['zh-CN']} {name['zh-CN']} 库存 {_num(v['on_hand'])} 低于安全库存 {_num(v['safety_stock'])}，"
+        f"{sales_zh}：已生成促销草稿，待店长审批",
+        "en": f"{store['en']}: {name['en']} on hand {_num(v['on_hand'])} below safety stock {_num(v['safety_stock'])}, "
+        f"sales of the last {days} days {_num(v['sales_last'])} vs {_num(v['sales_previous'])} "
+        f"(+{v['growth_percent']} %): promotion drafted for the manager's approval",
+    }
+
+
+def _expiry_summary(store: dict[str, str], v: dict[str, Any]) -> dict[str, str]:
+    name, lots = v["sku_name"], len(v["lots"])
+    soonest = min((lot["expires_on"] for lot in v["lots"]), default="—")
+    return {
+        "zh-CN": f"{store['zh-CN']} {name['zh-CN']} {lots} 个批次共 {_num(v['units_at_risk'])} 件"
+        f"将在 {v['window_days']} 天内到期（最早 {soonest}）：已生成临期促销草稿，待店长审批",
+        "en": f"{store['en']}: {name['en']} {_num(v['units_at_risk'])} units in {lots} lot(s) expire within "
+        f"{v['window_days']} days (first {soonest}): near-expiry promotion drafted for the manager's approval",
+    }
+
+
+def _stockout_summary(store: dict[str, str], v: dict[str, Any]) -> dict[str, str]:
+    name = v["sku_name"]
+    return {
+        "zh-CN": f"{store['zh-CN']} {name['zh-CN']} 库存 {_num(v['on_hand'])} 仅够 {v['days_of_cover']} 天"
+        f"（日均销量 {v['average_daily_sales']}），低于补货周期 {v['lead_time_days']} 天：请尽快补货",
+        "en": f"{store['en']}: {name['en']} on hand {_num(v['on_hand'])} covers {v['days_of_cover']} days "
+        f"({v['average_daily_sales']} a day), less than the {v['lead_time_days']}-day lead time: reorder now",
+    }
+
+
+STOCK_SUMMARIES = {
+    "stock_watch": _stock_watch_summary,
+    "expiry_watch": _expiry_summary,
+    "stockout_forecast": _stockout_summary,
+}
+
+
 def _summary(rule: AnyRule, store_name: dict[str, str], verdict: Verdict) -> dict[str, str]:
     values = verdict.values
     if rule.type == "threshold_streak":
@@ -287,6 +340,8 @@ def _summary(rule: AnyRule, store_name: dict[str, str], verdict: Verdict) -> dic
             "zh-CN": f"{store_name['zh-CN']} {zh} {before}% → {now}%（{change:+g}%）",
             "en": f"{store_name['en']}: {en} {before} % → {now} % ({change:+g} %)",
         }
+    if rule.type in STOCK_SUMMARIES:
+        return STOCK_SUMMARIES[rule.type](store_name, values)
     zh, en = SOURCE_NAMES[values["source"]]
     subject = f" {verdict.subject}" if verdict.subject else ""
     seen = values["last_seen"] or "—"
@@ -300,12 +355,21 @@ def _summary(rule: AnyRule, store_name: dict[str, str], verdict: Verdict) -> dic
 
 
 def _candidates_for_store(
-    session: Session, rule: AnyRule, store: Store, day: date, source: MetricSource
+    session: Session, rule: AnyRule, store: Store, day: date, source: MetricSource, as_of: datetime | None
 ) -> list[Candidate]:
     names = {"zh-CN": store.name_zh, "en": store.name_en}
     verdicts: list[Verdict]
     metric_rule: MetricRule | None = metric_rule_for(rule)
-    if metric_rule is not None:
+    stock_rule = stock_rule_for(rule)
+    if stock_rule is not None:
+        tz = ZoneInfo(store.timezone)
+        moment = as_of or close_of(day, tz)
+        first = day - timedelta(days=stock_rule.sales_days - 1) if stock_rule.sales_days else None
+        found = positions(
+            session=session, store=store, as_of=moment, sales_first=first, sales_last=day if first else None
+        )
+        verdicts = stock_rule.evaluate(found, day, moment.astimezone(tz).date())
+    elif metric_rule is not None:
         metric = rule.params.metric  # type: ignore[union-attr]
         first = day - timedelta(days=metric_rule.lookback_days)
         verdicts = metric_rule.evaluate(source.series(store.store_id, metric, first, day), day)
@@ -334,17 +398,27 @@ def _with_evidence(session: Session, candidate: Candidate, store: Store) -> Cand
 
 
 def evaluate_day(
-    *, session: Session, rule: AnyRule, stores: Sequence[Store], day: date, sink: AlertSink, source: MetricSource
+    *,
+    session: Session,
+    rule: AnyRule,
+    stores: Sequence[Store],
+    day: date,
+    sink: AlertSink,
+    source: MetricSource,
+    as_of: datetime | None = None,
 ) -> EvaluationReport:
-    """One rule at the close of one business day, for the given stores."""
+    """One rule at the close of one business day, for the given stores.
+
+    Stock rules read the stock as of `as_of` (live: now) or else as of the close of the day.
+    """
     report = EvaluationReport(rule.id)
     for store in stores:
-        for candidate in _candidates_for_store(session, rule, store, day, source):
+        for candidate in _candidates_for_store(session, rule, store, day, source, as_of):
             report.evaluated += 1
             verdict = candidate.verdict
             if verdict.cleared:
                 report.resolved += sink.clear(rule, store.store_id, verdict.subject, day)
-            if not verdict.fired or sink.unresolved(rule.id, store.store_id, verdict.subject):
+            if not verdict.fired or sink.unresolved(rule, store.store_id, verdict.subject):
                 continue
             if sink.raise_alert(_with_evidence(session, candidate, store)):
                 report.raised.append(candidate.dedup_key)
@@ -376,7 +450,10 @@ def evaluate_rule(
     for when, stores in sorted(by_day.items()):
         if metric_rule is not None:
             source.preload([s.store_id for s in stores], when - timedelta(days=metric_rule.lookback_days), when)
-        report = evaluate_day(session=session, rule=rule, stores=stores, day=when, sink=sink, source=source)
+        report = evaluate_day(
+            session=session, rule=rule, stores=stores, day=when, sink=sink, source=source,
+            as_of=now if day is None else None,
+        )  # fmt: skip
         total.evaluated += report.evaluated
         total.raised += report.raised
         total.resolved += report.resolved
@@ -430,14 +507,40 @@ class DatabaseSink:
     def __init__(self, session: Session, channels: ChannelSet, now: datetime) -> None:
         self.session, self.channels, self.now = session, channels, now
 
-    def unresolved(self, rule_id: str, store_id: str, subject: str | None) -> bool:
-        query = select(Alert.id).where(Alert.rule_id == rule_id, Alert.store_id == store_id, Alert.status != RESOLVED)
+    def unresolved(self, rule: AnyRule, store_id: str, subject: str | None) -> bool:
+        if isinstance(rule.params, DraftParams) and subject is not None:
+            # A drafting rule is held back by the promotion itself: pending, active or lately refused.
+            return promotions.blocks_new_draft(
+                session=self.session, store_id=store_id, sku=subject, template_id=rule.params.template,
+                cooldown_days=rule.params.cooldown_days, now=self.now,
+            )  # fmt: skip
+        query = select(Alert.id).where(Alert.rule_id == rule.id, Alert.store_id == store_id, Alert.status != RESOLVED)
         query = query.where(Alert.subject.is_(None) if subject is None else Alert.subject == subject)
         return self.session.scalar(query.limit(1)) is not None
+
+    def _draft(self, candidate: Candidate) -> Promotion | bool | None:
+        """The draft a drafting rule makes with its alert; True for rules that draft nothing."""
+        rule, verdict = candidate.rule, candidate.verdict
+        if not isinstance(rule.params, DraftParams) or verdict.subject is None:
+            return True
+        template = stored_template(session=self.session, template_id=rule.params.template)
+        if template is None:
+            log.error("rule %s: promotion template %r is not loaded; nothing drafted", rule.id, rule.params.template)
+            return None
+        store = self.session.get(Store, candidate.store_id)
+        assert store is not None
+        at_risk = verdict.values.get("units_at_risk")
+        return promotions.draft(
+            session=self.session, store=store, sku=verdict.subject, template=template, evidence=verdict.values,
+            now=self.now, rule_id=rule.id, limit_units=Decimal(str(at_risk)) if at_risk is not None else None,
+        )  # fmt: skip
 
     def raise_alert(self, candidate: Candidate) -> bool:
         rule, verdict = candidate.rule, candidate.verdict
         assert verdict.window_start is not None and verdict.window_end is not None
+        drafted = self._draft(candidate)
+        if drafted is None:
+            return False
         statement = (
             _insert(self.session)(Alert)
             .values(
@@ -453,6 +556,8 @@ class DatabaseSink:
         alert_id = self.session.scalar(statement)
         if alert_id is None:
             return False
+        if isinstance(drafted, Promotion):
+            promotions.link_alert(session=self.session, promotion=drafted, alert_id=alert_id)
         _transition(self.session, alert_id, "raised", None, OPEN, SYSTEM, self.now, candidate.summary.get("en"))
         alert = self.session.get(Alert, alert_id)
         assert alert is not None
@@ -485,6 +590,12 @@ def _resolve(session: Session, alert: Alert, actor: str, note: str | None, now: 
     _transition(session, alert.id, "resolved", before, RESOLVED, actor, now, note)
     session.refresh(alert)
     return True
+
+
+def resolve_by_system(*, session: Session, alert_id: int, note: str, now: datetime) -> bool:
+    """Resolve an alert whose cause went away (e.g. its promotion draft was decided); False if already resolved."""
+    alert = session.get(Alert, alert_id)
+    return alert is not None and _resolve(session, alert, SYSTEM, note, now)
 
 
 def get_alert(*, session: Session, alert_id: int) -> Alert:

@@ -1,0 +1,1 @@
+"""Promotions: templates, drafts from rules, approval, publishing to tills, execution."""
