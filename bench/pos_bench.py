@@ -405,10 +405,13 @@ def schedule(templates: list[Template], total: int, mix: tuple[float, float], se
 
 
 @contextmanager
-def server(url: str, port: int, log_path: Path, command: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def server(
+    url: str, port: int, log_path: Path, command: list[str] | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`storepulse serve` as deployed by default (one uvicorn worker), until it answers /healthz."""
     env = {**os.environ, "STOREPULSE_DATABASE_URL": url}
-    env.pop("STOREPULSE_MQTT_URL", None)  # no broker here: /healthz would report "degraded"
+    env.pop("STOREPULSE_MQTT_URL", None)  # no broker unless the caller runs one: /healthz would say "degraded"
+    env.update(extra_env or {})
     command = [*(command or [str(ROOT / ".venv" / "bin" / "storepulse"), "serve"]), "--host", "127.0.0.1"]
     command += ["--port", str(port)]
     with log_path.open("wb") as log:
