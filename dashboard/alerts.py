@@ -117,16 +117,25 @@ def alerts_list(
         return {"alerts": [alert_json(a, full_evidence=True) for a in rows]}
 
 
+def chain_days(request: Request, first: date | None, last: date | None) -> tuple[date, date, datetime, datetime]:
+    """The days [first, last] of a report (default: the last 30 days) and their [since, until) in UTC.
+
+    Days are the chain's (STOREPULSE_TIMEZONE): a report across stores needs one calendar.
+    """
+    tz = ZoneInfo(request.app.state.settings.timezone)
+    last = last or datetime.now(tz).date()
+    first = first or last - timedelta(days=29)
+    since = datetime.combine(first, time(), tz).astimezone(UTC)
+    until = datetime.combine(last + timedelta(days=1), time(), tz).astimezone(UTC)
+    return first, last, since, until
+
+
 @router.get("/alerts/timeliness")
 def alerts_timeliness(
     request: Request, user: User, from_: Annotated[date | None, Query(alias="from")] = None, to: date | None = None
 ) -> dict[str, Any]:
     """预警响应及时率 (acknowledged within 24 h ÷ raised) for alerts raised in [from, to], chain time zone."""
-    tz = ZoneInfo(request.app.state.settings.timezone)
-    last = to or datetime.now(tz).date()
-    first = from_ or last - timedelta(days=29)
-    since = datetime.combine(first, time(), tz).astimezone(UTC)
-    until = datetime.combine(last + timedelta(days=1), time(), tz).astimezone(UTC)
+    first, last, since, until = chain_days(request, from_, to)
     with session_scope(request.app.state.engine) as session:
         region_id = user.region_id if user.role == "supervisor" else None
         store_id = user.store_id if user.role in ("staff", "manager") else None

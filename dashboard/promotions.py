@@ -7,15 +7,15 @@ their device token and only reach their own store.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
-from typing import Any
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from dashboard.alerts import User, list_scope
+from dashboard.alerts import User, chain_days, list_scope
 from dashboard.deps import Device
 from dashboard.pos import own_store
 from ingest.db import session_scope
@@ -93,6 +93,26 @@ def promotions_list(
             session=session, status=status, store_ids=store_ids, region_id=region_id, limit=min(limit, 1000)
         )
         return {"promotions": [{**promotion_json(p), "may_decide": may_decide(user, p)} for p in rows]}
+
+
+@router.get("/promotions/execution")
+def promotions_execution(
+    request: Request, user: User, from_: Annotated[date | None, Query(alias="from")] = None, to: date | None = None
+) -> dict[str, Any]:
+    """促销核销率 per store in the caller's scope for the days [from, to] (chain time zone; default: 30 days)."""
+    first, last, since, until = chain_days(request, from_, to)
+    with session_scope(request.app.state.engine) as session:
+        store_ids, region_id = list_scope(session, user, None)
+        if region_id is not None:
+            store_ids = list(session.scalars(select(Store.store_id).where(Store.region_id == region_id)))
+        rates = service.execution_by_store(session=session, since=since, until=until, store_ids=store_ids)
+    return {
+        "from": first.isoformat(), "to": last.isoformat(),
+        "by_store": {
+            store: {"redeemed_lines": r.numerator, "eligible_lines": r.denominator, "percent": r.percent}
+            for store, r in rates.items()
+        },
+    }  # fmt: skip
 
 
 @router.get("/promotions/{promotion_id}")

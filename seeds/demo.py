@@ -143,14 +143,23 @@ def prepare(
 
 
 def replay_rules(engine: Engine, *, days: int, now: datetime | None = None) -> int:
-    """Load the rule files and evaluate the enabled rules at the close of each history day, as the scheduler would."""
-    from store_rules.alerts.definitions import load_rules_dir, stored_rules
+    """Load the templates and rule files; evaluate the metric rules at the close of each history day.
+
+    Stock rules run once, on today's stock, as the scheduler's next run would: drafts replayed
+    over the history would only have expired undecided.
+    """
+    from store_rules.alerts.definitions import stored_rules
+    from store_rules.alerts.rules import stock_rule_for
     from store_rules.alerts.service import MetricSource, evaluate_rule
+    from store_rules.promotions.templates import load_templates_and_rules
 
     now = now or datetime.now(UTC)
     raised = 0
     with session_scope(engine) as session:
-        load_rules_dir(session=session)
+        load_templates_and_rules(session=session)
+        for rule in stored_rules(session=session, enabled_only=True):
+            if stock_rule_for(rule) is not None:
+                raised += len(evaluate_rule(session=session, rule=rule, now=now).raised)
         stores = [s.store_id for s in session.scalars(select(Store))]
         today = now.astimezone(get_settings().chain_tz).date()
         first = today - timedelta(days=days)
@@ -160,6 +169,8 @@ def replay_rules(engine: Engine, *, days: int, now: datetime | None = None) -> i
             day = first + timedelta(days=offset)
             closing = datetime.combine(day + timedelta(days=1), time(1), get_settings().chain_tz)
             for rule in stored_rules(session=session, enabled_only=True):
+                if stock_rule_for(rule) is not None:
+                    continue
                 report = evaluate_rule(session=session, rule=rule, day=day, now=min(closing, now), source=source)
                 raised += len(report.raised)
     return raised

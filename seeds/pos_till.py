@@ -110,6 +110,10 @@ class TillSale:
     timestamps: list[datetime] = field(default_factory=list)  # every occurred_at sent, in order
 
 
+# Share of scans of a promoted SKU where the cashier applies the promotion.
+PROMOTION_APPLY_RATE = 0.65
+
+
 class _Clock:
     """The till's clock for one sale: strictly increasing whole seconds."""
 
@@ -134,6 +138,7 @@ class PosTill:
         *,
         rng: random.Random | None = None,
         early_checkout_rate: float | None = None,
+        promotion_apply_rate: float = PROMOTION_APPLY_RATE,
         timeout: float = 10.0,
     ) -> None:
         self.store = chain.store(store_id)
@@ -148,6 +153,7 @@ class PosTill:
         self.early_checkout_rate = (
             EARLY_CHECKOUT_RATE * skip_factor if early_checkout_rate is None else early_checkout_rate
         )
+        self.promotion_apply_rate = promotion_apply_rate
         self.client = httpx.Client(
             base_url=base_url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout
         )
@@ -206,6 +212,7 @@ class PosTill:
         staff_id = sale.staff.staff_id if sale.staff else None
 
         missing: list[str] = []
+        applied: dict[str, str] = {}  # SKU → the promotion the cashier rang up with it
         for line_no, (sku, _qty) in enumerate(sale.lines, start=1):
             clock.tick(SCAN_GAP)
             scanned = self._post(
@@ -214,6 +221,10 @@ class PosTill:
                 (200,),
             ).json()  # fmt: skip
             self.stats["scans"] += 1
+            # Cashiers forget to ring up a promotion now and then: the gap the execution rate shows.
+            if scanned["promotions"] and self.rng.random() < self.promotion_apply_rate:
+                applied[sku.sku] = scanned["promotions"][0]["promotion_id"]
+                self.stats["promotions_applied"] += 1
             for prompt in scanned["prompts"]:
                 if prompt["required"]:
                     self._answer(done, clock, sale, line_no, sku, prompt, staff_id)
@@ -235,6 +246,8 @@ class PosTill:
         if done.blocked is not None:
             log.info("%s", done.blocked.describe())
         receipt = self.counter.receipt_event(sale, done.consultation_id)
+        for line in receipt["lines"]:
+            line["promotion_id"] = applied.get(line["sku"])
         # Only when the server controls a SKU the chain does not flag can the steps outrun the
         # budget: the sale then closes just after them (still within the contract's 10 minutes).
         done.at = at = max(at, clock.at + timedelta(seconds=1))

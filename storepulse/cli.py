@@ -11,7 +11,7 @@ import typer
 
 from ingest.db import get_engine, session_scope
 from ingest.settings import get_settings
-from storepulse.cli_rules import alerts_app, rules_app, users_app
+from storepulse.cli_rules import alerts_app, promotions_app, rules_app, users_app
 from storepulse.cli_rules import scheduler as run_scheduler
 
 app = typer.Typer(help="StorePulse: store sales monitoring for pharmacy chains.", no_args_is_help=True)
@@ -30,6 +30,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
 app.add_typer(users_app, name="users")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(promotions_app, name="promotions")
 
 
 @app.command("scheduler")

@@ -18,6 +18,9 @@ from ingest.settings import get_settings
 rules_app = typer.Typer(help="Alert rules: load, list, versions, evaluate, back-test.", no_args_is_help=True)
 users_app = typer.Typer(help="People: create, list, disable (each gets a personal API token).", no_args_is_help=True)
 alerts_app = typer.Typer(help="Alerts: list, acknowledge, resolve, deliver.", no_args_is_help=True)
+promotions_app = typer.Typer(
+    help="Promotions: list, approve, reject, retract, expire and publish.", no_args_is_help=True
+)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -28,19 +31,22 @@ def _fail(message: str, code: int = 1) -> None:
 @rules_app.command("load")
 def rules_load(
     directory: Annotated[Path | None, typer.Option("--dir", help="folder of rule files and channels.yaml")] = None,
+    templates: Annotated[Path | None, typer.Option("--templates", help="folder of promotion templates")] = None,
 ) -> None:
-    """Validate every rule file (refused with line and reason) and store the changed ones as new versions."""
-    from store_rules.alerts.definitions import RULES_DIR, RuleDefinitionError, load_rules_dir
+    """Validate the promotion templates and rule files (refused with line and reason), store the changed ones."""
+    from store_rules.alerts.definitions import RULES_DIR, RuleDefinitionError
+    from store_rules.promotions.templates import TEMPLATES_DIR, load_templates_and_rules
 
     try:
         with session_scope() as session:
-            results = load_rules_dir(session=session, directory=directory or RULES_DIR)
+            results = load_templates_and_rules(
+                session=session, templates_dir=templates or TEMPLATES_DIR, rules_dir=directory or RULES_DIR
+            )
     except RuleDefinitionError as exc:
         _fail(f"nothing loaded:\n{exc}")
         return
-    for result in results:
-        state = "" if result.enabled is None else ("  enabled" if result.enabled else "  draft (disabled)")
-        typer.echo(f"{result.kind}: version {result.version} ({'new' if result.created else 'unchanged'}){state}")
+    for kind, version, created in results:
+        typer.echo(f"{kind}: version {version} ({'new' if created else 'unchanged'})")
 
 
 @rules_app.command("list")
@@ -251,3 +257,104 @@ def alerts_deliver() -> None:
     )
     for error in report.errors:
         typer.echo(f"  {error}", err=True)
+
+
+@promotions_app.command("list")
+def promotions_list(
+    status: Annotated[str | None, typer.Option("--status", help="pending, active, rejected, ...")] = None,
+    store: Annotated[str | None, typer.Option("--store")] = None,
+) -> None:
+    """Promotions, newest first."""
+    from store_rules.promotions.service import list_promotions
+
+    with session_scope() as session:
+        for p in list_promotions(session=session, status=status, store_ids=[store] if store else None):
+            typer.echo(
+                f"{p.promotion_id:<18} {p.store_id:<6} {p.status:<9} {p.template_id:<16} {p.sku:<14} "
+                f"{p.created_at:%Y-%m-%d %H:%M}  {p.title.get('zh-CN', '')}"
+            )
+
+
+def _decide(action: str, promotion_id: str, user: str, reason: str | None = None, params: str | None = None) -> None:
+    import json
+
+    from adapters.publish import publisher_for
+    from store_rules.promotions import service
+
+    settings = get_settings()
+    engine = get_engine(settings.effective_database_url)
+    try:
+        with session_scope(engine) as session:
+            if action == "approve":
+                edits = json.loads(params) if params else None
+                promotion = service.approve(session=session, promotion_id=promotion_id, user_id=user, params=edits)
+            elif action == "reject":
+                promotion = service.reject(
+                    session=session, promotion_id=promotion_id, user_id=user, reason=reason or ""
+                )
+            else:
+                promotion = service.retract(
+                    session=session, promotion_id=promotion_id, user_id=user, reason=reason or ""
+                )
+            store_id, status = promotion.store_id, promotion.status
+    except (service.PromotionError, json.JSONDecodeError) as exc:
+        _fail(str(exc), 2)
+        return
+    typer.echo(f"{promotion_id}: {status}")
+    if action != "reject":
+        publisher = publisher_for(settings.promotion_publisher, settings)
+        try:
+            sent = service.publish_pending(engine=engine, publisher=publisher, store_ids=[store_id])
+        finally:
+            publisher.close()
+        typer.echo(f"published: {', '.join(f'{s} v{v}' for s, v in sent) or 'nothing (the scheduler retries)'}")
+
+
+@promotions_app.command("approve")
+def promotions_approve(
+    promotion_id: str,
+    user: Annotated[str, typer.Option("--user", help="who decides (audited)")],
+    params: Annotated[
+        str | None, typer.Option("--params", help='edited parameters as JSON, e.g. {"percent": 20}')
+    ] = None,
+) -> None:
+    """Approve a pending draft and publish the store's new set."""
+    _decide("approve", promotion_id, user, params=params)
+
+
+@promotions_app.command("reject")
+def promotions_reject(
+    promotion_id: str,
+    user: Annotated[str, typer.Option("--user")],
+    reason: Annotated[str, typer.Option("--reason")],
+) -> None:
+    """Reject a pending draft with a reason."""
+    _decide("reject", promotion_id, user, reason=reason)
+
+
+@promotions_app.command("retract")
+def promotions_retract(
+    promotion_id: str,
+    user: Annotated[str, typer.Option("--user")],
+    reason: Annotated[str, typer.Option("--reason")],
+) -> None:
+    """Take an active promotion off the tills and publish the store's new set."""
+    _decide("retract", promotion_id, user, reason=reason)
+
+
+@promotions_app.command("housekeeping")
+def promotions_housekeeping() -> None:
+    """Expire undecided drafts, end finished promotions and publish unpublished sets (the scheduler's job)."""
+    from adapters.publish import publisher_for
+    from store_rules.promotions import service
+
+    settings = get_settings()
+    engine = get_engine(settings.effective_database_url)
+    with session_scope(engine) as session:
+        done = service.expire_due(session=session)
+    publisher = publisher_for(settings.promotion_publisher, settings)
+    try:
+        sent = service.publish_pending(engine=engine, publisher=publisher)
+    finally:
+        publisher.close()
+    typer.echo(f"expired {len(done.expired)}, ended {len(done.ended)}, published {len(sent)} set(s)")

@@ -364,6 +364,12 @@ def test_execution_rate_of_a_hand_built_day_is_exact(chain: Engine) -> None:
         rate = service.execution(session=session, promotion=promotion, until=local(day + timedelta(days=1), 0))
         assert (rate.ratio.numerator, rate.ratio.denominator) == (5, 8)
         assert rate.ratio.percent == pytest.approx(62.5)
+        by_store = service.execution_by_store(
+            session=session, since=local(day, 0), until=local(day + timedelta(days=1), 0)
+        )
+        assert {store: (r.numerator, r.denominator) for store, r in by_store.items()} == {"S001": (5, 8)}
+        # A day before the approval has no promotion running: no rate, not 0 %.
+        assert service.execution_by_store(session=session, since=local(D, 0), until=local(day, 0)) == {}
 
 
 def test_tills_that_never_acknowledged_and_each_tills_delivered_version(chain: Engine) -> None:

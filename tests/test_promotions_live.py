@@ -134,6 +134,10 @@ def test_approval_reaches_every_till_and_an_offline_till_on_connect(
             assert promotions[0]["till_text"]["zh-CN"].startswith("提醒顾客：本品满2件立减20%")
             other = call("POST", "/pos/scan", device="S001", json={**scan, "sku": COLD}).json()
             assert other["promotions"] == []
+            # No sale rang it up yet: 0 of 0 lines, no rate; another store's manager does not see S001 at all.
+            execution = call("GET", "/promotions/execution", "hq").json()["by_store"]
+            assert execution == {"S001": {"redeemed_lines": 0, "eligible_lines": 0, "percent": None}}
+            assert call("GET", "/promotions/execution", "mgr_s002").json()["by_store"] == {}
 
             retracted = call("POST", f"/promotions/{draft.promotion_id}/retract", "hq", json={"reason": "厂家召回"})
             assert retracted.status_code == 200

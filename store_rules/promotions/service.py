@@ -520,6 +520,25 @@ def execution(
     return Execution(promotion.promotion_id, promotion.store_id, Ratio(int(row[1] or 0), int(row[0])), start, end)
 
 
+def execution_by_store(
+    *, session: Session, since: datetime, until: datetime, store_ids: Iterable[str] | None = None
+) -> dict[str, Ratio]:
+    """促销核销率 per store over [since, until): every promotion's lines summed, then divided."""
+    query = select(Promotion).where(
+        Promotion.starts_at.is_not(None),
+        Promotion.starts_at < until,
+        or_(Promotion.ended_at.is_(None), Promotion.ended_at > since),
+    )
+    if store_ids is not None:
+        query = query.where(Promotion.store_id.in_(list(store_ids)))
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for promotion in session.scalars(query):
+        ratio = execution(session=session, promotion=promotion, since=since, until=until).ratio
+        totals[promotion.store_id][0] += ratio.numerator
+        totals[promotion.store_id][1] += ratio.denominator
+    return {store: Ratio(n, d) for store, (n, d) in sorted(totals.items())}
+
+
 def list_promotions(
     *,
     session: Session,
