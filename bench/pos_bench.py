@@ -67,7 +67,7 @@ from bench.common import (
     py_spy_recording,
 )
 from ingest.db import get_engine, session_scope
-from ingest.models import Sku
+from ingest.models import Sku, Store
 from ingest.service import ingest_payloads
 from ingest.tokens import create_token
 from seeds.demo import import_demo_chain
@@ -79,6 +79,8 @@ from store_rules.definitions import (
     flow_controlled_skus,
     load_config_dir,
 )
+from store_rules.promotions import service as promotions
+from store_rules.promotions.templates import load_templates_dir, stored_template
 
 # The test fixtures are reused as they are (imported dynamically, as in bench.common).
 _conftest: Any = importlib.import_module("tests.conftest")
@@ -277,11 +279,35 @@ def prepare(engine: Engine, days: int, seed: int) -> tuple[list[StoreFixture], C
     if rejected:
         raise RuntimeError(f"bench fixtures: {len(rejected)} events not accepted, e.g. {rejected[:3]}")
     counts["bench events"] = len(events)
+    counts["active promotions"] = approve_promotions(engine, [s.store_id for s in stores], cat)
     with engine.connect() as conn:
         for table in ("receipts", "receipt_lines", "consultation_steps", "prompt_answers", "device_tokens"):
             counts[table] = int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
     counts["seconds"] = round(time.perf_counter() - started)
     return stores, cat, counts
+
+
+def promoted_skus(cat: Catalogue) -> set[str]:
+    return {cat.plain[0], cat.controlled[0], cat.prompting[0]}
+
+
+def approve_promotions(engine: Engine, store_ids: list[str], cat: Catalogue) -> int:
+    """An active promotion per store on one plain, one flow and one prompting SKU, so scans carry some."""
+    now = datetime.now(UTC)
+    approved = 0
+    with session_scope(engine) as session:
+        load_templates_dir(session=session)
+        template = stored_template(session=session, template_id="amount_off")
+        assert template is not None
+        for store_id in store_ids:
+            store = session.get(Store, store_id)
+            assert store is not None
+            for sku in sorted(promoted_skus(cat)):
+                draft = promotions.draft(session=session, store=store, sku=sku, template=template, evidence={}, now=now)
+                assert draft is not None
+                promotions.approve(session=session, promotion_id=draft.promotion_id, user_id="bench", now=now)
+                approved += 1
+    return approved
 
 
 # --- request templates ---------------------------------------------------------------------------
@@ -351,7 +377,7 @@ def build_templates(stores: list[StoreFixture], cat: Catalogue, seed: int) -> li
     return templates
 
 
-def check_templates(base_url: str, templates: list[Template]) -> None:
+def check_templates(base_url: str, templates: list[Template], promoted: set[str]) -> None:
     """Send every template once, in turn, and compare status and content with what is expected."""
     problems: list[str] = []
     with httpx.Client(base_url=base_url, timeout=30) as client:
@@ -368,6 +394,8 @@ def check_templates(base_url: str, templates: list[Template]) -> None:
                     problem = f"flow missing {missing}, expected {t.missing}"
                 elif len(got.get("prompts", [])) != t.prompts:
                     problem = f"{len(got.get('prompts', []))} prompts, expected {t.prompts}"
+                elif len(got.get("promotions", [])) != (wanted := int(orjson.loads(t.body)["sku"] in promoted)):
+                    problem = f"{len(got.get('promotions', []))} promotions, expected {wanted}"
             elif t.status == 409 and not got.get("missing"):
                 problem = f"409 without missing steps: {got}"
             if problem:
@@ -806,7 +834,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     log_path = args.server_log or workdir / "server.log"
     command = args.server_command.split() if args.server_command else None
     server_process = stack.enter_context(server(url, port, log_path, command))
-    check_templates(f"http://127.0.0.1:{port}", templates)
+    check_templates(f"http://127.0.0.1:{port}", templates, promoted_skus(cat))
     print(
         f"server pid {server_process.pid} on 127.0.0.1:{port}; {len(templates):,} request templates checked", flush=True
     )
