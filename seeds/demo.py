@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LIVE_STORES = ("S001", "S002", "S005", "S009")  # one or two per region, S001 always
 POS_TILLS = (("S001", "T1"), ("S005", "T1"))  # tills that sell through the POS API; the others post receipts
+DEMO_MANAGER = "demo-manager"  # who approves the POS stores' promotion drafts in the demo (audited)
 TOKEN_NAME = "demo-simulator"
 
 
@@ -132,6 +133,11 @@ def prepare(
         echo(f"  rejected: {error}")
     alerts = replay_rules(engine, days=days, now=now)
     echo(f"rules: {alerts} alert(s) raised over the history (storepulse scheduler keeps evaluating)")
+    pending, approved = approve_pos_stores_drafts(engine, now=now)
+    echo(
+        f"promotions: {pending} draft(s) from the stock and expiry rules wait for their store managers; "
+        f"{approved} of {', '.join(sorted({s for s, _ in POS_TILLS}))} approved, so their POS tills ring them up"
+    )
     tokens: dict[str, str] = {}
     with session_scope(engine) as session:
         for store in chain.stores:
@@ -174,6 +180,26 @@ def replay_rules(engine: Engine, *, days: int, now: datetime | None = None) -> i
                 report = evaluate_rule(session=session, rule=rule, day=day, now=min(closing, now), source=source)
                 raised += len(report.raised)
     return raised
+
+
+def approve_pos_stores_drafts(engine: Engine, *, now: datetime | None = None) -> tuple[int, int]:
+    """Approve the drafts of the stores whose tills use the POS API, as their managers would.
+
+    Their scans then return the promotions and the execution rate has sales to count.
+    Returns (drafts still pending elsewhere, drafts approved).
+    """
+    from store_rules.promotions import service as promotions
+
+    now = now or datetime.now(UTC)
+    stores = sorted({store_id for store_id, _ in POS_TILLS})
+    with session_scope(engine) as session:
+        drafts = promotions.list_promotions(session=session, status="pending", limit=10_000)
+        approved = 0
+        for draft in drafts:
+            if draft.store_id in stores:
+                promotions.approve(session=session, promotion_id=draft.promotion_id, user_id=DEMO_MANAGER, now=now)
+                approved += 1
+    return len(drafts) - approved, approved
 
 
 def pos_tills(

@@ -636,12 +636,29 @@ def simulate_day(
 _EPOCH = date(2020, 1, 1)
 
 
-def stock_snapshots(chain: Chain, store: StoreInfo, day: date, *, until: datetime | None = None) -> list[Event]:
-    """One snapshot per SKU before opening, with lots that arrive, sell down and age.
+# Mean lines per basket and units per line of `StoreCounter._basket` (sizes 1–5 weighted
+# 38/30/18/9/5; quantities 1–4 weighted 76/17/5/2 below 50 yuan, always 1 above).
+MEAN_BASKET_LINES = 2.13
+MEAN_LINE_QTY = 1.33
 
-    Every (store, SKU) has a restock cycle; a lot's number, size and expiry depend only on the
-    store, the SKU and the cycle, so the same lot shows up day after day. About one pair in
-    ten was stocked with short-dated goods and always has a lot expiring within 90 days.
+
+def expected_daily_units(chain: Chain, store: StoreInfo, sku: SkuInfo) -> float:
+    """Units of `sku` the store sells on an average day, from its profile and the basket model."""
+    profile = profile_of(store.store_id)
+    share = sku.weight / sum(s.weight for s in chain.skus)
+    per_line = 1.0 if sku.unit_price > 50 else MEAN_LINE_QTY
+    return profile.visitors * profile.conversion * MEAN_BASKET_LINES * share * per_line
+
+
+def stock_snapshots(chain: Chain, store: StoreInfo, day: date, *, until: datetime | None = None) -> list[Event]:
+    """One snapshot per SKU before opening, with lots that arrive, sell down (oldest first) and age.
+
+    Every (store, SKU) has a restock cycle: a delivery tops the shelf up to a level that covers
+    the cycle with some margin, and the stock sells down at the SKU's expected daily units, so
+    days of cover run from weeks after a delivery to a few days before the next one. A lot's
+    number, size and expiry depend only on the store, the SKU and the cycle, so the same lot
+    shows up day after day. About one pair in ten was stocked with short-dated goods and
+    always has a lot expiring within 90 days.
     """
     at = _local_midnight(day, store.tz).replace(hour=STOCK_SNAPSHOT_AT[0], minute=STOCK_SNAPSHOT_AT[1])
     if until is not None and at > until:
@@ -653,24 +670,26 @@ def stock_snapshots(chain: Chain, store: StoreInfo, day: date, *, until: datetim
         near_expiry = pair.random() < 0.1
         interval = pair.randint(18, 30) if near_expiry else pair.randint(18, 45)
         phase = pair.randrange(interval)
-        size = max(6, round(sku.weight * pair.uniform(8, 14)))
-        rate = size / (interval * pair.uniform(1.6, 2.4))
-        current = (day_number + phase) // interval
+        daily = max(expected_daily_units(chain, store, sku), 0.2)
+        level = daily * interval * pair.uniform(1.08, 1.6)  # right after a delivery
+        cycle, position = divmod(day_number + phase, interval)
+        leftover = round(level - interval * daily)  # what the previous lot still held at the delivery
+        sold = round(position * daily)
+        quantities = {cycle: round(level) - leftover - max(0, sold - leftover), cycle - 1: max(0, leftover - sold)}
         lots: list[dict[str, Any]] = []
-        for cycle in (current, current - 1, current - 2):
-            arrived = _EPOCH + timedelta(days=cycle * interval - phase)
-            lot_rng = random.Random(f"lot:{store.store_id}:{sku.sku}:{cycle}")
+        for number in (cycle - 2, cycle - 1, cycle):
+            arrived = _EPOCH + timedelta(days=number * interval - phase)
+            lot_rng = random.Random(f"lot:{store.store_id}:{sku.sku}:{number}")
             shelf_days = 2 * interval + lot_rng.randint(40, 70) if near_expiry else lot_rng.randint(300, 1000)
             expires = arrived + timedelta(days=shelf_days)
             if expires <= day:
                 continue
-            received = lot_rng.randint(size // 2 + 1, size)
-            qty = received - round((day - arrived).days * rate)
-            if near_expiry and cycle < current:
+            qty = quantities.get(number, 0)
+            if near_expiry and number < cycle:
                 qty = max(qty, lot_rng.randint(2, 6))  # short-dated stock lingers on the shelf
             if qty <= 0:
                 continue
-            lots.append({"lot": f"B{arrived:%y%m%d}{cycle % 10}", "qty": qty, "expires_on": expires.isoformat()})
+            lots.append({"lot": f"B{arrived:%y%m%d}{number % 10}", "qty": qty, "expires_on": expires.isoformat()})
         events.append(
             {
                 "type": "stock",
