@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 
 from adapters.publish import publisher_for
-from dashboard import alerts, api, pages, pos, promotions
+from dashboard import alerts, api, auth, pages, pos, promotions
 from ingest.db import get_engine
 from ingest.settings import Settings, get_settings
 from store_rules import compliance
@@ -38,6 +39,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.publisher = None
 
 
+async def _to_login(_request: Request, exc: auth.LoginRequired) -> Response:
+    return auth.login_redirect(exc.next_path)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.require_safe_for_serving()
@@ -55,6 +60,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(pos.router)
     app.include_router(alerts.router)
     app.include_router(promotions.router)
+    app.include_router(auth.router)
     app.include_router(pages.router)
+    app.add_exception_handler(auth.LoginRequired, _to_login)  # type: ignore[arg-type]
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

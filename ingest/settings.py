@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Where people open StorePulse: links in WeCom / DingTalk messages point here.
     public_url: str = "http://127.0.0.1:8000"
     secret_key: str = PLACEHOLDER_SECRET
+    # Session cookies are Secure when the request came over TLS (or X-Forwarded-Proto says so);
+    # true / false overrides that, e.g. true behind a proxy that does not set the header.
+    cookie_secure: bool | None = None
     timezone: str = "Asia/Shanghai"
 
     @field_validator("timezone")

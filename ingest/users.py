@@ -1,23 +1,36 @@
-"""People who use StorePulse: roles, scopes and personal API tokens.
+"""People who use StorePulse: roles, scopes, personal API tokens, passwords and page sessions.
 
 Roles: store staff and store managers belong to a store, region supervisors to a region,
 headquarters and admins to the chain. A token is shown once at creation; only its SHA-256
-is stored (it is 256 bits of randomness, so a slow hash would only add latency).
+is stored (it is 256 bits of randomness, so a slow hash would only add latency). Passwords
+are hashed with argon2id; after `MAX_FAILURES` wrong passwords in a row the account is locked
+for `LOCKOUT`, whatever is tried meanwhile. Every login, failure and lockout is audited.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ingest.models import Region, Store, User
+from ingest import audit
+from ingest.models import Region, Store, User, WebSession
 from ingest.tokens import hash_token
 
 ROLES = ("staff", "manager", "supervisor", "headquarters", "admin")
+MIN_PASSWORD_LENGTH = 10
+MAX_FAILURES = 5
+LOCKOUT = timedelta(minutes=15)
+SESSION_TTL = timedelta(hours=12)
+_hasher = PasswordHasher()
+# Verifying against this when the user does not exist costs the same as a real check, so the
+# answer time does not tell which user ids exist.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 STORE_ROLES = ("staff", "manager")
 USER_TOKEN_PREFIX = "spu_"
 
@@ -87,6 +100,12 @@ def disable_user(*, session: Session, user_id: str) -> bool:
     if user is None or user.disabled_at is not None:
         return False
     user.disabled_at = datetime.now(UTC)
+    session.execute(
+        update(WebSession)
+        .where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None))
+        .values(revoked_at=user.disabled_at)
+    )
+    audit.record(session=session, actor="admin", action="user_disabled", target=user_id)
     return True
 
 
@@ -94,6 +113,114 @@ def authenticate_user(*, session: Session, token: str) -> Principal | None:
     if not token.startswith(USER_TOKEN_PREFIX):
         return None
     user = session.scalars(select(User).where(User.token_hash == hash_token(token), User.disabled_at.is_(None))).first()
+    return None if user is None else _principal(user)
+
+
+# --- passwords and page sessions ------------------------------------------------------------
+
+
+def set_password(*, session: Session, user_id: str, password: str, actor: str | None = None) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"password: at least {MIN_PASSWORD_LENGTH} characters")
+    user = session.get(User, user_id)
     if user is None:
-        return None
+        raise UserError(f"user_id: no user {user_id!r}")
+    user.password_hash = _hasher.hash(password)
+    user.failed_logins, user.locked_until = 0, None
+    # A new password signs every browser out.
+    session.execute(
+        update(WebSession)
+        .where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+    )
+    audit.record(session=session, actor=actor or user_id, action="password_set", target=user_id)
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    principal: Principal | None
+    session_token: str | None = None  # the cookie value, shown once
+    csrf_token: str | None = None
+    refused: str | None = None  # "invalid" or "locked"
+    locked_until: datetime | None = None
+
+
+def login(
+    *, session: Session, user_id: str, password: str, ip: str | None = None, now: datetime | None = None
+) -> LoginResult:
+    """Check a password; on success open a new page session (never reuse one: no fixation)."""
+    now = now or datetime.now(UTC)
+    user = session.get(User, user_id) if user_id else None
+    if user is None or user.disabled_at is not None or user.password_hash is None:
+        _verify(_DUMMY_HASH, password)
+        audit.record(
+            session=session, actor=user_id[:64] or "?", action="login_failed", detail={"why": "unknown"}, ip=ip
+        )
+        return LoginResult(None, refused="invalid")
+    if user.locked_until is not None and user.locked_until > now:
+        audit.record(session=session, actor=user.user_id, action="login_locked", ip=ip)
+        return LoginResult(None, refused="locked", locked_until=user.locked_until)
+    if not _verify(user.password_hash, password):
+        user.failed_logins = (user.failed_logins or 0) + 1
+        detail: dict[str, object] = {"failures": user.failed_logins}
+        if user.failed_logins >= MAX_FAILURES:
+            user.locked_until = now + LOCKOUT
+            user.failed_logins = 0
+            detail["locked_until"] = user.locked_until.isoformat()
+        audit.record(session=session, actor=user.user_id, action="login_failed", detail=detail, ip=ip)
+        if user.locked_until is not None and user.locked_until > now:
+            return LoginResult(None, refused="locked", locked_until=user.locked_until)
+        return LoginResult(None, refused="invalid")
+    if _hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = _hasher.hash(password)
+    user.failed_logins, user.locked_until, user.last_login_at = 0, None, now
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    session.add(
+        WebSession(
+            id_hash=hash_token(token),
+            user_id=user.user_id,
+            csrf_token=csrf,
+            created_at=now,
+            expires_at=now + SESSION_TTL,
+        )
+    )
+    audit.record(session=session, actor=user.user_id, action="login", ip=ip)
+    return LoginResult(_principal(user), session_token=token, csrf_token=csrf)
+
+
+def _verify(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _principal(user: User) -> Principal:
     return Principal(user.user_id, user.name, user.role, user.store_id, user.region_id)
+
+
+@dataclass(frozen=True)
+class PageSession:
+    principal: Principal
+    csrf_token: str
+
+
+def session_user(*, session: Session, token: str, now: datetime | None = None) -> PageSession | None:
+    """The person behind a session cookie, while the session is open and the user enabled."""
+    now = now or datetime.now(UTC)
+    row = session.get(WebSession, hash_token(token))
+    if row is None or row.revoked_at is not None or row.expires_at <= now:
+        return None
+    user = session.get(User, row.user_id)
+    if user is None or user.disabled_at is not None:
+        return None
+    return PageSession(_principal(user), row.csrf_token)
+
+
+def logout(*, session: Session, token: str, ip: str | None = None) -> bool:
+    row = session.get(WebSession, hash_token(token))
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = datetime.now(UTC)
+    audit.record(session=session, actor=row.user_id, action="logout", ip=ip)
+    return True

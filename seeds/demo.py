@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from types import FrameType
@@ -28,7 +29,7 @@ from sqlalchemy.engine import make_url
 from ingest.db import get_engine, session_scope
 from ingest.masterdata import IMPORT_ORDER, ImportReport, import_file
 from ingest.migrate import upgrade
-from ingest.models import Store
+from ingest.models import Store, User
 from ingest.settings import get_settings
 from ingest.tokens import create_token
 from seeds.pos_till import PosError, PosTill
@@ -61,6 +62,45 @@ class PreparedDemo:
     history: HistoryReport
     imported: list[ImportReport]
     definitions: list[tuple[str, int, bool]]  # (kind, version, created) of the flow and prompt definitions
+    logins: list[DemoLogin] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DemoLogin:
+    """One person per role, to sign in to the demo's pages with."""
+
+    user_id: str
+    name: str
+    role: str
+    scope: str  # store, region or "chain"
+    password: str
+
+
+# Who signs in to the demo: one person per role, scoped to S001 / its region R-ZJ.
+DEMO_PEOPLE = (
+    ("staff-s001", "李娜", "staff", "S001", None),
+    ("manager-s001", "王店长", "manager", "S001", None),
+    ("supervisor-zj", "周督导", "supervisor", None, "R-ZJ"),
+    ("hq", "总部运营", "headquarters", None, None),
+    ("admin", "系统管理员", "admin", None, None),
+)
+
+
+def create_demo_users(engine: Engine) -> list[DemoLogin]:
+    """The demo's people with fresh random passwords (printed once by the demo, never stored in clear)."""
+    from ingest.users import create_user, set_password
+
+    logins = []
+    with session_scope(engine) as session:
+        for user_id, name, role, store_id, region_id in DEMO_PEOPLE:
+            if session.get(User, user_id) is None:
+                create_user(
+                    session=session, user_id=user_id, name=name, role=role, store_id=store_id, region_id=region_id
+                )
+            password = secrets.token_urlsafe(9)
+            set_password(session=session, user_id=user_id, password=password, actor="demo")
+            logins.append(DemoLogin(user_id, name, role, store_id or region_id or "chain", password))
+    return logins
 
 
 def default_database_url() -> str:
@@ -143,8 +183,19 @@ def prepare(
         for store in chain.stores:
             tokens[store.store_id] = create_token(session=session, store_id=store.store_id, name=TOKEN_NAME).token
     echo(f"device tokens: {len(tokens)} created (one per store, kept in memory for the live feed)")
+    logins = create_demo_users(engine)
+    echo("sign in at /login as (user / password, new for every run):")
+    for person in logins:
+        echo(f"  {person.user_id:<14} {person.password:<14} {person.role} of {person.scope} ({person.name})")
     return PreparedDemo(
-        url=url, engine=engine, chain=chain, tokens=tokens, history=history, imported=imported, definitions=definitions
+        url=url,
+        engine=engine,
+        chain=chain,
+        tokens=tokens,
+        history=history,
+        imported=imported,
+        definitions=definitions,
+        logins=logins,
     )
 
 

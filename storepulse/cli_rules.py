@@ -185,6 +185,12 @@ def scheduler() -> None:
     runner.run()
 
 
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    return str(typer.prompt("password", hide_input=True, confirmation_prompt=True))
+
+
 @users_app.command("create")
 def users_create(
     user_id: str,
@@ -192,19 +198,44 @@ def users_create(
     role: Annotated[str, typer.Option("--role", help="staff, manager, supervisor, headquarters or admin")],
     store: Annotated[str | None, typer.Option("--store")] = None,
     region: Annotated[str | None, typer.Option("--region")] = None,
+    password: Annotated[bool, typer.Option("--password", help="also set a password for the pages (asked)")] = False,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read that password from stdin")] = False,
 ) -> None:
-    """Create a person; their API token is printed once."""
-    from ingest.users import UserError, create_user
+    """Create a person; their API token is printed once. With --password they can sign in to the pages."""
+    from ingest.users import UserError, create_user, set_password
 
+    secret = _read_password(password_stdin) if password or password_stdin else None
     try:
         with session_scope() as session:
             token = create_user(
                 session=session, user_id=user_id, name=name, role=role, store_id=store, region_id=region
             )
+            if secret is not None:
+                set_password(session=session, user_id=user_id, password=secret, actor="cli")
     except UserError as exc:
         _fail(str(exc), 2)
         return
     typer.echo(f"user {user_id} ({role}) created; API token (shown once): {token}")
+    if secret is not None:
+        typer.echo(f"password set: {user_id} can sign in at /login")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    user_id: str,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Set (or reset) a person's password for the pages; signs them out everywhere and lifts a lockout."""
+    from ingest.users import UserError, set_password
+
+    secret = _read_password(password_stdin)
+    try:
+        with session_scope() as session:
+            set_password(session=session, user_id=user_id, password=secret, actor="cli")
+    except UserError as exc:
+        _fail(str(exc), 2)
+        return
+    typer.echo(f"password of {user_id} set")
 
 
 @users_app.command("list")
@@ -215,7 +246,8 @@ def users_list() -> None:
         for user in list_users(session=session):
             scope = user.store_id or user.region_id or "chain"
             state = "disabled" if user.disabled_at else "active"
-            typer.echo(f"{user.user_id:<16} {user.role:<13} {scope:<8} {state:<9} {user.name}")
+            login = "password" if user.password_hash else "token only"
+            typer.echo(f"{user.user_id:<16} {user.role:<13} {scope:<8} {state:<9} {login:<10} {user.name}")
 
 
 @users_app.command("disable")

@@ -38,6 +38,8 @@ TRUNCATE_ORDER = (
     "notifications",
     "alert_transitions",
     "alerts",
+    "audit_log",
+    "web_sessions",
     "users",
     "compliance_violations",
     "config_versions",
@@ -269,3 +271,20 @@ def make_app(engine: Engine, **settings: object) -> object:
 def live_server(chain: Engine) -> Iterator[LiveServer]:
     with LiveServer(make_app(chain)) as server:
         yield server
+
+
+def sign_in(base_url: str, user_id: str, password: str, **client_options: Any) -> Any:
+    """An httpx.Client with a page session, signed in through the real login form (CSRF included)."""
+    import re
+
+    import httpx
+
+    client = httpx.Client(base_url=base_url, timeout=30, **client_options)
+    form = client.get("/login")
+    match = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert match, form.text[:500]
+    response = client.post(
+        "/login", data={"user_id": user_id, "password": password, "csrf_token": match.group(1), "next": "/"}
+    )
+    assert response.status_code == 303, response.text[:500]
+    return client

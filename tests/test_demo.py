@@ -7,6 +7,7 @@ the page refreshes itself from. The last test runs the actual `storepulse demo` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -39,7 +40,7 @@ from ingest.settings import get_settings
 from seeds.demo import PreparedDemo, prepare
 from store_rules.definitions import active_flow, active_prompts, load_config_dir
 from store_rules.models import ComplianceViolation
-from tests.conftest import free_port
+from tests.conftest import free_port, sign_in
 
 TRANSACTIONS = re.compile(r'data-metric="transactions" data-value="(\d+)"')
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -49,6 +50,11 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 class RunningDemo:
     base_url: str
     prepared: PreparedDemo
+    client: httpx.Client  # signed in as headquarters
+
+    def login(self, user_id: str, **client_options: Any) -> httpx.Client:
+        password = next(p.password for p in self.prepared.logins if p.user_id == user_id)
+        return sign_in(self.base_url, user_id, password, **client_options)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield RunningDemo(f"http://127.0.0.1:{port}", prepared)
+    base_url = f"http://127.0.0.1:{port}"
+    hq = next(p for p in prepared.logins if p.role == "headquarters")
+    client = sign_in(base_url, hq.user_id, hq.password)
+    yield RunningDemo(base_url, prepared, client)
+    client.close()
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -93,12 +103,16 @@ def test_the_flow_and_prompt_definitions_are_loaded_and_the_history_is_compliant
         assert reasons and all(flow.skip_reason_problem(reason) is None for reason in reasons), reasons
     lines: list[str] = []
     again = prepare(demo.prepared.url, days=0, fresh=False, echo=lines.append)
+    # Preparing again gave the demo's people new passwords and signed them out everywhere.
+    assert demo.client.get("/stores/S001").status_code == 303
+    demo.prepared.logins[:] = again.logins
+    demo.client = demo.login("hq")
     assert again.definitions == [("counter_flow", 1, False), ("prompts", 1, False)]
     assert any(line.startswith("definitions: counter_flow v1 (unchanged), prompts v1 (unchanged)") for line in lines)
 
 
 def test_store_page_shows_the_store_and_today_s_numbers(demo: RunningDemo) -> None:
-    response = httpx.get(f"{demo.base_url}/stores/S001", headers={"Accept-Language": "zh-CN,zh;q=0.9"})
+    response = demo.client.get("/stores/S001", headers={"Accept-Language": "zh-CN,zh;q=0.9"})
     assert response.status_code == 200
     html = response.text
     assert "温州鹿城店" in html and "交易笔数" in html and "转化率" in html and "客单价" in html
@@ -109,13 +123,13 @@ def test_store_page_shows_the_store_and_today_s_numbers(demo: RunningDemo) -> No
     if business_day.hour >= 9:  # the history covers today so far: at 09:00 a pharmacy has sold something
         assert transactions(html) > 0
         assert "08:00–09:00" in html
-    script = httpx.get(f"{demo.base_url}/static/live.js")
+    script = demo.client.get("/static/live.js")
     assert script.status_code == 200 and "data-live-src" in script.text
 
 
 def test_a_posted_receipt_shows_up_in_the_live_fragment(demo: RunningDemo) -> None:
-    live = f"{demo.base_url}/stores/S001/live"
-    before = transactions(httpx.get(live).text)
+    live = "/stores/S001/live"
+    before = transactions(demo.client.get(live).text)
     receipt_id = f"T{uuid.uuid4().hex[:8]}"
     now = datetime.now(SHANGHAI).replace(microsecond=0)
     event: dict[str, Any] = {
@@ -133,7 +147,7 @@ def test_a_posted_receipt_shows_up_in_the_live_fragment(demo: RunningDemo) -> No
     assert response.status_code == 200
     assert response.json()["results"][0]["status"] == "accepted", response.json()
 
-    fragment = httpx.get(live, headers={"Accept-Language": "zh-CN"})
+    fragment = demo.client.get(live, headers={"Accept-Language": "zh-CN"})
     assert fragment.status_code == 200
     assert "<html" not in fragment.text  # a fragment, not a page
     assert transactions(fragment.text) == before + 1
@@ -150,23 +164,23 @@ def test_a_posted_receipt_shows_up_in_the_live_fragment(demo: RunningDemo) -> No
         headers={"Authorization": f"Bearer {demo.prepared.tokens['S002']}"},
     )
     assert other.json()["results"][0]["status"] == "rejected"
-    assert transactions(httpx.get(live).text) == before + 1
+    assert transactions(demo.client.get(live).text) == before + 1
 
 
 def test_accept_language_en_gives_english_labels(demo: RunningDemo) -> None:
-    html = httpx.get(f"{demo.base_url}/stores/S001", headers={"Accept-Language": "en-GB,en;q=0.8"}).text
+    html = demo.client.get("/stores/S001", headers={"Accept-Language": "en-GB,en;q=0.8"}).text
     for label in ("Sales", "Transactions", "Visitors", "Conversion", "Average ticket", "By hour", "Latest receipts"):
         assert label in html, label
     assert "Wenzhou Lucheng" in html and "交易笔数" not in html and '<html lang="en">' in html
-    fragment = httpx.get(f"{demo.base_url}/stores/S001/live", headers={"Accept-Language": "en"}).text
+    fragment = demo.client.get("/stores/S001/live", headers={"Accept-Language": "en"}).text
     assert "Transactions" in fragment
     # No header at all: English; any zh*: Chinese.
-    assert "Transactions" in httpx.get(f"{demo.base_url}/stores/S001").text
-    assert "交易笔数" in httpx.get(f"{demo.base_url}/stores/S001", headers={"Accept-Language": "zh-TW"}).text
+    assert "Transactions" in demo.client.get("/stores/S001").text
+    assert "交易笔数" in demo.client.get("/stores/S001", headers={"Accept-Language": "zh-TW"}).text
 
 
 def test_the_language_switch_sets_a_cookie(demo: RunningDemo) -> None:
-    with httpx.Client(base_url=demo.base_url, headers={"Accept-Language": "zh-CN"}) as client:
+    with contextlib.closing(demo.login("supervisor-zj", headers={"Accept-Language": "zh-CN"})) as client:
         assert "交易笔数" in client.get("/stores/S001").text
         switched = client.get("/stores/S001", params={"lang": "en"})
         assert "Transactions" in switched.text and switched.cookies.get("lang") == "en"
@@ -177,21 +191,21 @@ def test_the_language_switch_sets_a_cookie(demo: RunningDemo) -> None:
 
 
 def test_chain_page_lists_regions_and_stores(demo: RunningDemo) -> None:
-    html = httpx.get(f"{demo.base_url}/", headers={"Accept-Language": "zh-CN"}).text
+    html = demo.client.get("/", headers={"Accept-Language": "zh-CN"}).text
     for name in ("浙江区", "上海区", "江苏区", "温州鹿城店", "南京鼓楼店", "上海徐汇店"):
         assert name in html, name
     assert len(re.findall(r'href="/stores/S\d{3}"', html)) == 12
     assert html.index("浙江区") < html.index("上海区") < html.index("江苏区")
-    fragment = httpx.get(f"{demo.base_url}/live", headers={"Accept-Language": "en"}).text
+    fragment = demo.client.get("/live", headers={"Accept-Language": "en"}).text
     assert "Zhejiang" in fragment and "<html" not in fragment
 
 
 def test_unknown_store_is_a_404_page_and_names_are_escaped(demo: RunningDemo) -> None:
-    response = httpx.get(f"{demo.base_url}/stores/S999", headers={"Accept-Language": "en"})
+    response = demo.client.get("/stores/S999", headers={"Accept-Language": "en"})
     assert response.status_code == 404 and "There is no store S999" in response.text
     assert response.headers["content-type"].startswith("text/html")
-    assert httpx.get(f"{demo.base_url}/stores/S999/live").status_code == 404
-    hostile = httpx.get(f"{demo.base_url}/stores/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    assert demo.client.get("/stores/S999/live").status_code == 404
+    hostile = demo.client.get("/stores/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
     assert hostile.status_code == 404
     assert "<img src=x" not in hostile.text and "&lt;img src=x onerror=alert(1)&gt;" in hostile.text
 
@@ -242,11 +256,17 @@ def test_storepulse_demo_command_serves_a_live_page_and_stops_on_sigterm(tmp_pat
         assert url == f"http://127.0.0.1:{port}/"
         assert (tmp_path / "var" / "demo.db").exists()
 
-        page = httpx.get(url + "stores/S001", headers={"Accept-Language": "zh-CN"})
+        # The demo printed one login per role; the store manager signs in and sees the store.
+        printed = dict(re.findall(r"^  (manager-s001|hq)\s+(\S+)\s", "".join(output), re.MULTILINE))
+        assert set(printed) == {"manager-s001", "hq"}, "".join(output)
+        manager = sign_in(url.rstrip("/"), "manager-s001", printed["manager-s001"])
+        assert httpx.get(url + "stores/S001").status_code == 303  # nobody signed in: to the login form
+        page = manager.get("/stores/S001", headers={"Accept-Language": "zh-CN"})
         assert page.status_code == 200 and "温州鹿城店" in page.text
-        first = transactions(httpx.get(url + "stores/S001/live").text)
+        assert manager.get("/stores/S002").status_code == 403
+        first = transactions(manager.get("/stores/S001/live").text)
         deadline = time.monotonic() + 20
-        while transactions(httpx.get(url + "stores/S001/live").text) == first:
+        while transactions(manager.get("/stores/S001/live").text) == first:
             assert time.monotonic() < deadline, "the live trickle did not change the transaction count in 20 s"
             time.sleep(1)
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
+from ingest import audit
 from ingest.db import session_scope
 from ingest.masterdata import import_file
 from ingest.models import SafetyStock, Sku, Terminal
@@ -293,6 +294,10 @@ def test_approval_with_edited_parameters_publishes_a_new_set_and_is_audited(chai
         assert approved.params == {"min_qty": 2, "gift_qty": 1, "percent": 20}
         assert approved.title["zh-CN"] == "参松养心胶囊 清仓特惠：满2件减20%，赠医用外科口罩×1"
         assert approved.ends_at == CLOSING.astimezone(UTC) + timedelta(days=7)
+        logged = audit.entries(session=session, actions=["promotion_approved"])
+        assert [(e.actor, e.target, e.detail["store_id"]) for e in logged] == [
+            ("mgr-s001", approved.promotion_id, "S001")
+        ]
         trail = service.audit_trail(session=session, promotion=approved)
         assert [(a.action, a.actor) for a in trail] == [("drafted", "system"), ("approved", "mgr-s001")]
         assert trail[1].detail["params_before"]["percent"] == 10 and trail[1].detail["params_after"]["percent"] == 20

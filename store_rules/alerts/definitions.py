@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ingest import audit
 from store_rules.definitions import Text, store_version
 from store_rules.models import ConfigVersion
 
@@ -335,10 +336,15 @@ class LoadResult:
     enabled: bool | None = None
 
 
-def store_rule(*, session: Session, rule: AnyRule, source: str) -> LoadResult:
+def store_rule(*, session: Session, rule: AnyRule, source: str, actor: str = "system") -> LoadResult:
     kind = RULE_KIND_PREFIX + rule.id
     content = rule.model_dump(mode="json", by_alias=True)
     version, created = store_version(session=session, kind=kind, content=content, source=source)
+    if created:
+        audit.record(
+            session=session, actor=actor, action="rule_changed", target=rule.id,
+            detail={"version": version, "enabled": rule.enabled, "source": source},
+        )  # fmt: skip
     return LoadResult(kind, version, created, rule.enabled)
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from ingest import audit
 from ingest.models import ConsultationStep, Footfall, Receipt, Region, Sensor, Staff, StockSnapshot, Store
 from ingest.timeseries import business_window
 from store_rules.alerts.definitions import (
@@ -619,6 +620,8 @@ def acknowledge(
         session.refresh(alert)
         raise AlertError(f"status: alert {alert_id} is {alert.status}, only an open alert can be acknowledged")
     _transition(session, alert_id, "acknowledged", OPEN, ACKNOWLEDGED, user_id, now, note)
+    audit.record(session=session, actor=user_id, action="alert_acknowledged", target=str(alert_id), at=now,
+                 detail={"store_id": alert.store_id, "rule_id": alert.rule_id, "note": note})  # fmt: skip
     session.refresh(alert)
     return alert
 
@@ -629,6 +632,8 @@ def resolve(
     alert = get_alert(session=session, alert_id=alert_id)
     if not _resolve(session, alert, user_id, note, now or datetime.now(UTC)):
         raise AlertError(f"status: alert {alert_id} is already resolved")
+    audit.record(session=session, actor=user_id, action="alert_resolved", target=str(alert_id),
+                 detail={"store_id": alert.store_id, "rule_id": alert.rule_id, "note": note})  # fmt: skip
     return alert
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.publish.base import PromotionPublisher, PublishError
+from ingest import audit
 from ingest.db import session_scope
 from ingest.models import PromotionAck, ReceiptLine, Sku, Store, Terminal
 from store_rules.metrics import Ratio
@@ -69,6 +70,11 @@ def _audit(
     at: datetime,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    if actor != SYSTEM:  # people's decisions also go to the audit log of logins and approvals
+        audit.record(
+            session=session, actor=actor, action=f"promotion_{action}", target=promotion.promotion_id,
+            detail={"store_id": promotion.store_id, **(detail or {})}, at=at,
+        )  # fmt: skip
     session.add(
         PromotionAudit(
             promotion_pk=promotion.id, at=at, action=action, from_status=before, to_status=promotion.status,
