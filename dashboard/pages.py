@@ -9,18 +9,28 @@ as totals, headquarters and admins the chain.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
-from dashboard.auth import Page
+from dashboard.auth import Page, check_csrf
 from dashboard.deps import DbSession
 from dashboard.i18n import COOKIE, Translator, choose_language, normalise_language
+from dashboard.promotions import may_decide, publish_store
 from dashboard.store_today import chain_today, store_today
+from ingest.db import session_scope
+from ingest.models import Store
+from ingest.users import PageSession, Principal
+from store_rules.promotions import service as promotions
+from store_rules.promotions.templates import plain, stored_template
+from store_rules.stock import stock_risks
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 REFRESH_MS = 3000
@@ -82,7 +92,15 @@ def chain_live(request: Request, session: DbSession, page: Page) -> HTMLResponse
 
 
 def _store_view(
-    request: Request, page: Page, store_id: str, session: DbSession, template: str, fragment: bool
+    request: Request,
+    page: Page,
+    store_id: str,
+    session: DbSession,
+    template: str,
+    fragment: bool,
+    *,
+    message: str | None = None,
+    status_code: int = 200,
 ) -> HTMLResponse:
     """A store's page or live fragment, if the store exists and is in the person's scope."""
     today = store_today(session=session, store_id=store_id)
@@ -92,7 +110,80 @@ def _store_view(
     if not page.principal.sees_store(today.store.store_id, today.store.region_id):
         refused = "_forbidden.html" if fragment else "403.html"
         return render(request, refused, {"store_id": store_id, "user": page}, status_code=403)
-    return render(request, template, {"today": today, "user": page})
+    context: dict[str, Any] = {"today": today, "user": page, "message": message}
+    if not fragment:
+        context.update(store_panels(session, today.store, page.principal))
+    return render(request, template, context, status_code=status_code)
+
+
+def store_panels(session: Session, store: Store, principal: Principal) -> dict[str, Any]:
+    """The manager's panels: drafts to decide, active promotions with the tills' versions, stock risks."""
+    now = datetime.now(UTC)
+    pending = []
+    for promotion in promotions.list_promotions(session=session, status="pending", store_ids=[store.store_id]):
+        template = stored_template(
+            session=session, template_id=promotion.template_id, version=promotion.template_version
+        )
+        specs = template.params if template else {}
+        params = [
+            {"name": name, "value": value, "min": plain(specs[name].min), "max": plain(specs[name].max),
+             "step": "1" if specs[name].integer else "any"}
+            for name, value in promotion.params.items() if name in specs
+        ]  # fmt: skip
+        pending.append({"promotion": promotion, "params": params})
+    active = []
+    for promotion in promotions.list_promotions(session=session, status="active", store_ids=[store.store_id]):
+        rate = promotions.execution(session=session, promotion=promotion).ratio
+        missing = promotions.tills_never_acknowledged(session=session, promotion=promotion)
+        active.append({"promotion": promotion, "rate": rate, "never_acked": missing})
+    return {
+        "may_decide": principal.chain_wide or (principal.role == "manager" and principal.store_id == store.store_id),
+        "pending": pending,
+        "active": active,
+        "set_version": promotions.current_set(session=session, store_id=store.store_id)["version"],
+        "tills": promotions.till_deliveries(session=session, store_id=store.store_id),
+        "risks": stock_risks(session=session, store=store, now=now),
+    }
+
+
+def _decide(store_id: str, promotion_id: str, page: PageSession, session: Session, action: str, form: Any) -> None:
+    promotion = promotions.get_promotion(session=session, promotion_id=promotion_id)
+    if promotion.store_id != store_id or not may_decide(page.principal, promotion):
+        raise HTTPException(403, detail=f"promotion_id: you may not decide promotion {promotion_id}")
+    user_id = page.principal.user_id
+    if action == "approve":
+        edits = {k.removeprefix("p_"): v for k, v in form.items() if k.startswith("p_") and v != ""}
+        promotions.approve(session=session, promotion_id=promotion_id, user_id=user_id, params=edits)
+    else:
+        reason = str(form.get("reason") or "")
+        promotions.reject(session=session, promotion_id=promotion_id, user_id=user_id, reason=reason)
+
+
+@router.post("/stores/{store_id}/promotions/{promotion_id}/{action}", response_model=None)
+async def store_promotion_decision(
+    request: Request, store_id: str, promotion_id: str, action: str, page: Page
+) -> HTMLResponse | RedirectResponse:
+    """Approve (with the parameters of the form) or reject (with a reason) in one click from the store page."""
+    if action not in ("approve", "reject"):
+        raise HTTPException(404)
+    form = await request.form()
+    check_csrf(page, str(form.get("csrf_token") or ""))
+    engine = request.app.state.engine
+
+    def run() -> HTMLResponse | RedirectResponse:
+        try:
+            with session_scope(engine) as session:
+                _decide(store_id, promotion_id, page, session, action, form)
+        except promotions.PromotionError as exc:
+            with session_scope(engine) as session:
+                return _store_view(
+                    request, page, store_id, session, "store.html", False, message=str(exc), status_code=exc.status
+                )
+        if action == "approve":
+            publish_store(request, store_id)
+        return RedirectResponse(f"/stores/{store_id}?done={action}#promotions", status_code=303)
+
+    return await run_in_threadpool(run)
 
 
 @router.get("/stores/{store_id}", response_class=HTMLResponse)

@@ -76,7 +76,8 @@ def _error(exc: service.PromotionError) -> HTTPException:
     return HTTPException(exc.status, detail=str(exc))
 
 
-def _publish(request: Request, store_id: str) -> None:
+def publish_store(request: Request, store_id: str) -> None:
+    """Send the store's newest set now (after the deciding commit); the scheduler retries a failure."""
     publisher = request.app.state.publisher
     if publisher is not None:
         service.publish_pending(engine=request.app.state.engine, publisher=publisher, store_ids=[store_id])
@@ -168,7 +169,7 @@ def _decide(request: Request, user: User, promotion_id: str, action: str, body: 
             raise _error(exc) from None
         result = promotion_json(promotion)
     if action != "reject":
-        _publish(request, result["store_id"])
+        publish_store(request, result["store_id"])
     return result
 
 

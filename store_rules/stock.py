@@ -162,3 +162,62 @@ def close_of(day: date, tz: ZoneInfo) -> datetime:
     """The last instant of a local business day, in UTC."""
     _, end = business_window(day, tz)
     return end - timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class StockRisk:
+    """One SKU of a store that needs the manager's eye, and why."""
+
+    sku: str
+    name: dict[str, str]
+    on_hand: Decimal
+    safety_stock: Decimal | None
+    average_daily_sales: Decimal
+    days_of_cover: Decimal | None  # None: nothing sold lately
+    lead_time_days: int | None
+    expiring_units: Decimal
+    first_expiry: date | None
+    reasons: tuple[str, ...]  # below_safety / stockout / expiry
+
+
+def stock_risks(
+    *,
+    session: Session,
+    store: Store,
+    now: datetime,
+    expiry_days: int = 90,
+    sales_days: int = 7,
+    default_lead_time_days: int = 3,
+) -> list[StockRisk]:
+    """SKUs below safety stock, with less cover than their lead time, or with lots expiring soon; worst first."""
+    today = now.astimezone(ZoneInfo(store.timezone)).date()
+    last = today - timedelta(days=1)
+    first = last - timedelta(days=sales_days - 1)
+    risks = []
+    for position in positions(session=session, store=store, as_of=now, sales_first=first, sales_last=last):
+        daily = position.sales(first, last) / sales_days
+        cover = position.on_hand / daily if daily > 0 else None
+        lead = position.lead_time_days if position.lead_time_days is not None else default_lead_time_days
+        soon = [
+            lot
+            for lot in position.lots
+            if lot.qty > 0 and today < lot.expires_on <= today + timedelta(days=expiry_days)
+        ]
+        reasons = []
+        if position.safety_stock is not None and position.on_hand < position.safety_stock:
+            reasons.append("below_safety")
+        if cover is not None and cover < lead:
+            reasons.append("stockout")
+        if soon:
+            reasons.append("expiry")
+        if reasons:
+            risks.append(
+                StockRisk(
+                    sku=position.sku, name=position.name, on_hand=position.on_hand, safety_stock=position.safety_stock,
+                    average_daily_sales=daily, days_of_cover=cover, lead_time_days=lead,
+                    expiring_units=sum((lot.qty for lot in soon), Decimal(0)),
+                    first_expiry=min((lot.expires_on for lot in soon), default=None), reasons=tuple(reasons),
+                )
+            )  # fmt: skip
+    order = {"stockout": 0, "below_safety": 1, "expiry": 2}
+    return sorted(risks, key=lambda r: (min(order[x] for x in r.reasons), r.days_of_cover or Decimal(10**6), r.sku))

@@ -288,3 +288,13 @@ def sign_in(base_url: str, user_id: str, password: str, **client_options: Any) -
     )
     assert response.status_code == 303, response.text[:500]
     return client
+
+
+def create_people(engine: Engine, people: dict[str, tuple[str, dict[str, str]]], password: str) -> None:
+    """Users (user id → (role, scope)) who can sign in to the pages with `password`."""
+    from ingest.users import create_user, set_password
+
+    with session_scope(engine) as session:
+        for user_id, (role, scope) in people.items():
+            create_user(session=session, user_id=user_id, name=user_id, role=role, **scope)
+            set_password(session=session, user_id=user_id, password=password)

@@ -17,8 +17,8 @@ from sqlalchemy import Engine, select
 from ingest import audit
 from ingest.db import session_scope
 from ingest.models import User
-from ingest.users import MAX_FAILURES, create_user, disable_user, login, set_password
-from tests.conftest import LiveServer, make_app, sign_in
+from ingest.users import MAX_FAILURES, disable_user, login
+from tests.conftest import LiveServer, create_people, make_app, sign_in
 
 PASSWORD = "correct horse battery"
 PEOPLE = {
@@ -31,10 +31,7 @@ PEOPLE = {
 
 @pytest.fixture
 def server(chain: Engine) -> Iterator[LiveServer]:
-    with session_scope(chain) as session:
-        for user_id, (role, scope) in PEOPLE.items():
-            create_user(session=session, user_id=user_id, name=user_id, role=role, **scope)
-            set_password(session=session, user_id=user_id, password=PASSWORD)
+    create_people(chain, PEOPLE, PASSWORD)
     with LiveServer(make_app(chain)) as live:
         yield live
 
