@@ -2,8 +2,8 @@
 
 People authenticate with their personal token. A supervisor works the alerts of the own
 region, a manager reads the own store's, headquarters and admins see the chain. Customer
-names in the evidence are shown in full only to a person allowed to see the store's detail
-(and never in notifications); everyone else gets them masked.
+names in the evidence are shown in full only to the store's people and the region's supervisor
+(and never in notifications); headquarters and everyone else get them masked.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def list_scope(session: Session, user: Principal, store_id: str | None) -> tuple
     return store_ids, region_id
 
 
-def _may_act(user: Principal, alert: Alert) -> bool:
+def may_act(user: Principal, alert: Alert) -> bool:
     """Acknowledging and resolving: the level's people (and those above), in their scope."""
     if user.chain_wide:
         return True
@@ -114,7 +114,7 @@ def alerts_list(
         rows = service.list_alerts(
             session=session, status=status, store_ids=store_ids, region_id=region_id, limit=min(limit, 1000)
         )
-        return {"alerts": [alert_json(a, full_evidence=True) for a in rows]}
+        return {"alerts": [alert_json(a, full_evidence=user.sees_customers(a.store_id, a.region_id)) for a in rows]}
 
 
 def chain_days(request: Request, first: date | None, last: date | None) -> tuple[date, date, datetime, datetime]:
@@ -164,7 +164,7 @@ def alert_detail(alert_id: int, request: Request, user: User) -> dict[str, Any]:
             raise HTTPException(exc.status, detail=str(exc)) from None
         if not _visible(user, alert):
             raise _forbidden(alert_id)
-        body = alert_json(alert, full_evidence=True)
+        body = alert_json(alert, full_evidence=user.sees_customers(alert.store_id, alert.region_id))
         body["transitions"] = [
             {"at": t.at.isoformat(), "action": t.action, "from": t.from_status, "to": t.to_status, "actor": t.actor,
              "note": t.note}
@@ -177,13 +177,13 @@ def _transition(request: Request, user: User, alert_id: int, note: str | None, a
     with session_scope(request.app.state.engine) as session:
         try:
             alert = service.get_alert(session=session, alert_id=alert_id)
-            if not _visible(user, alert) or not _may_act(user, alert):
+            if not _visible(user, alert) or not may_act(user, alert):
                 raise _forbidden(alert_id)
             change = service.acknowledge if action == "acknowledge" else service.resolve
             alert = change(session=session, alert_id=alert_id, user_id=user.user_id, note=note)
         except service.AlertError as exc:
             raise HTTPException(exc.status, detail=str(exc)) from None
-        return alert_json(alert, full_evidence=True)
+        return alert_json(alert, full_evidence=user.sees_customers(alert.store_id, alert.region_id))
 
 
 @router.post("/alerts/{alert_id}/ack")

@@ -61,6 +61,14 @@ class Principal:
             return region_id == self.region_id
         return store_id == self.store_id
 
+    def sees_customers(self, store_id: str, region_id: str) -> bool:
+        """Whether customer names and symptoms of the store are shown unmasked.
+
+        Only to those who serve or follow up the customers: the store's people and the region's
+        supervisor. Headquarters and admins work with figures and see names masked.
+        """
+        return not self.chain_wide and self.sees_store(store_id, region_id)
+
 
 def create_user(
     *, session: Session, user_id: str, name: str, role: str, store_id: str | None = None, region_id: str | None = None
