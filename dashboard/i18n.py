@@ -153,6 +153,19 @@ MESSAGES: dict[str, dict[str, str]] = {
     "metric_symptom_completeness": {ZH: "症状记录完整率", EN: "Symptom-record completeness"},
     "metric_traceability": {ZH: "销售行为可追溯率", EN: "Traceability"},
     "metric_conversion_rate": {ZH: "转化率", EN: "Conversion"},
+    "morning_report": {ZH: "晨会报告", EN: "Morning meeting report"},
+    "export_xlsx": {ZH: "导出 Excel", EN: "Export XLSX"},
+    "export_csv": {ZH: "导出 CSV", EN: "Export CSV"},
+    "print_hint": {ZH: "打印：Ctrl+P（已适配纸张）", EN: "Print with Ctrl+P (laid out for paper)"},
+    "exceptions": {ZH: "异常", EN: "Exceptions"},
+    "no_exceptions": {ZH: "昨日无异常。", EN: "No exception yesterday."},
+    "ranking": {ZH: "门店排名", EN: "Stores ranked"},
+    "morning_definitions": {
+        ZH: "异常：医保核验通过率低于 65%，过程数据、症状记录、可追溯率、预警响应及时率低于 80%，促销核销率低于 70%。"
+        "比率为当日各门店分子、分母之和相除；无数据显示为 –。",
+        EN: "Exceptions: insurance pass rate below 65 %; step, symptom-record, traceability and alert-response "
+        "timeliness below 80 %; promotion execution below 70 %. Ratios divide the day's summed cases; – means no case.",
+    },
     "role_staff": {ZH: "店员", EN: "store staff"},
     "role_manager": {ZH: "店长", EN: "store manager"},
     "role_supervisor": {ZH: "区域督导", EN: "region supervisor"},

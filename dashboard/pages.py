@@ -48,7 +48,7 @@ templates = Jinja2Templates(
 )
 
 
-def _translator(request: Request) -> Translator:
+def translator_of(request: Request) -> Translator:
     return Translator(
         choose_language(
             request.query_params.get("lang"), request.cookies.get(COOKIE), request.headers.get("accept-language")
@@ -58,7 +58,7 @@ def _translator(request: Request) -> Translator:
 
 def render(request: Request, template: str, context: dict[str, Any], *, status_code: int = 200) -> HTMLResponse:
     """A page in the request's language; `context["user"]` is the signed-in page session or None."""
-    t = _translator(request)
+    t = translator_of(request)
     response = templates.TemplateResponse(
         request,
         template,
