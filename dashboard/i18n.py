@@ -166,6 +166,11 @@ MESSAGES: dict[str, dict[str, str]] = {
         EN: "Exceptions: insurance pass rate below 65 %; step, symptom-record, traceability and alert-response "
         "timeliness below 80 %; promotion execution below 70 %. Ratios divide the day's summed cases; – means no case.",
     },
+    "period_title": {ZH: "近 {days} 天", EN: "Last {days} days"},
+    "days_n": {ZH: "{days} 天", EN: "{days} days"},
+    "trend": {ZH: "趋势", EN: "Trend"},
+    "chart_numbers": {ZH: "图表数据", EN: "The chart's numbers"},
+    "regions_compared": {ZH: "区域对比", EN: "Regions compared"},
     "role_staff": {ZH: "店员", EN: "store staff"},
     "role_manager": {ZH: "店长", EN: "store manager"},
     "role_supervisor": {ZH: "区域督导", EN: "region supervisor"},

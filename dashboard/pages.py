@@ -9,7 +9,8 @@ as totals, headquarters and admins the chain.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,28 @@ from dashboard.auth import Page, check_csrf
 from dashboard.deps import DbSession
 from dashboard.i18n import COOKIE, Translator, choose_language, normalise_language
 from dashboard.promotions import may_decide, publish_store
+from dashboard.rankings import (
+    NAMES,
+    RATIO_KEYS,
+    SORT_KEYS,
+    by_region,
+    daily_series,
+    morning_day,
+    sort_ranking,
+    store_ranking,
+)
 from dashboard.store_today import chain_today, store_today
 from ingest.db import session_scope
 from ingest.models import Store
 from ingest.users import PageSession, Principal
+from store_rules.metrics import Ratio
 from store_rules.promotions import service as promotions
 from store_rules.promotions.templates import plain, stored_template
 from store_rules.stock import stock_risks
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 REFRESH_MS = 3000
+PERIODS = (7, 30, 90)
 
 router = APIRouter(include_in_schema=False)
 
@@ -78,8 +91,43 @@ def chain_page(request: Request, session: DbSession, page: Page) -> Response:
     """Every region and store with today's figures; a store's people go to their store."""
     if not page.principal.chain_wide and page.principal.role != "supervisor":
         return RedirectResponse(f"/stores/{page.principal.store_id}", status_code=303)
-    chain = chain_today(session=session, timezone=request.app.state.settings.timezone)
-    return render(request, "chain.html", {"chain": chain, "user": page})
+    timezone = request.app.state.settings.timezone
+    chain = chain_today(session=session, timezone=timezone)
+    return render(request, "chain.html", {"chain": chain, "user": page, **chain_period(request, session, page)})
+
+
+def chain_period(request: Request, session: Session, page: PageSession) -> dict[str, Any]:
+    """KPIs, stores ranked, regions compared and the daily trend over the last 7, 30 or 90 closed days."""
+    timezone = request.app.state.settings.timezone
+    try:
+        days = int(request.query_params.get("days", "7"))
+    except ValueError:
+        days = 7
+    days = days if days in PERIODS else 7
+    sort = request.query_params.get("sort", "sales")
+    ascending = request.query_params.get("ascending") == "true"
+    last = morning_day(timezone)
+    first = last - timedelta(days=days - 1)
+    everything = store_ranking(session=session, first=first, last=last, timezone=timezone)
+    principal = page.principal
+    mine = [r for r in everything if principal.sees_store(r.store.store_id, r.store.region_id)]
+    store_ids = None if principal.chain_wide else [r.store.store_id for r in mine]
+    series = daily_series(session=session, first=first, last=last, timezone=timezone, store_ids=store_ids)
+    return {
+        "period_days": days, "periods": PERIODS, "period_first": first, "period_last": last,
+        "ranking": sort_ranking(mine, sort, not ascending), "sort": sort, "ascending": ascending,
+        "sort_keys": SORT_KEYS, "ratio_keys": RATIO_KEYS, "names": NAMES,
+        "regions_compared": by_region(everything), "series": series,
+        "period_kpis": {
+            "sales": sum((r.sales for r in mine), Decimal(0)),
+            "transactions": sum(r.transactions for r in mine),
+            "visitors": sum(r.visitors for r in mine),
+            "conversion": Ratio(
+                sum(r.ratios["conversion_rate"].numerator for r in mine),
+                sum(r.ratios["conversion_rate"].denominator for r in mine),
+            ),
+        },
+    }  # fmt: skip
 
 
 @router.get("/live", response_class=HTMLResponse)

@@ -208,3 +208,79 @@ def to_xlsx(rows: list[StoreRank], found: list[dict[str, Any]], day: date, lang:
     buffer = io.BytesIO()
     book.save(buffer)
     return buffer.getvalue()
+
+
+# --- the chain view: regions compared, daily series ------------------------------------------
+
+
+@dataclass
+class RegionRank:
+    region: Region
+    stores: int = 0
+    sales: Decimal = Decimal("0.00")
+    transactions: int = 0
+    visitors: int = 0
+    sums: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    @property
+    def ratios(self) -> dict[str, Ratio]:
+        return {key: Ratio(*self.sums[key]) for key in RATIO_KEYS}
+
+    @property
+    def average_ticket(self) -> Decimal | None:
+        return (self.sales / self.transactions).quantize(Decimal("0.01")) if self.transactions else None
+
+
+def by_region(rows: list[StoreRank]) -> list[RegionRank]:
+    """Region totals of store rows: amounts added, ratios' cases added before dividing."""
+    regions: dict[str, RegionRank] = {}
+    for row in rows:
+        entry = regions.setdefault(row.region.region_id, RegionRank(region=row.region))
+        entry.stores += 1
+        entry.sales += row.sales
+        entry.transactions += row.transactions
+        entry.visitors += row.visitors
+        for key, ratio in row.ratios.items():
+            entry.sums[key][0] += ratio.numerator
+            entry.sums[key][1] += ratio.denominator
+    return [regions[key] for key in sorted(regions)]
+
+
+@dataclass
+class DayPoint:
+    day: date
+    sales: Decimal = Decimal("0.00")
+    transactions: int = 0
+    visitors: int = 0
+
+    @property
+    def conversion(self) -> float | None:
+        return self.transactions / self.visitors if self.visitors else None
+
+
+def daily_series(
+    *, session: Session, first: date, last: date, timezone: str, store_ids: list[str] | None = None
+) -> list[DayPoint]:
+    """Sales, transactions and visitors of the given stores (or all) per business day of the chain."""
+    tz = ZoneInfo(timezone)
+    start, end = span(first, last, tz)
+    points = {first + timedelta(days=n): DayPoint(first + timedelta(days=n)) for n in range((last - first).days + 1)}
+    receipts = select(Receipt.occurred_at, Receipt.total, Receipt.kind).where(
+        Receipt.occurred_at >= start, Receipt.occurred_at < end
+    )
+    visitors = select(Footfall.occurred_at, Footfall.count_in).where(
+        Footfall.occurred_at >= start, Footfall.occurred_at < end
+    )
+    if store_ids is not None:
+        receipts = receipts.where(Receipt.store_id.in_(store_ids))
+        visitors = visitors.where(Footfall.store_id.in_(store_ids))
+    for at, total, kind in session.execute(receipts):
+        point = points.get(at.astimezone(tz).date())
+        if point is not None:
+            point.sales += Decimal(str(total))
+            point.transactions += kind == "sale"
+    for at, count in session.execute(visitors):
+        point = points.get(at.astimezone(tz).date())
+        if point is not None:
+            point.visitors += int(count or 0)
+    return [points[d] for d in sorted(points)]

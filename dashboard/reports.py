@@ -33,7 +33,6 @@ from ingest.models import Store
 from ingest.users import Principal
 
 router = APIRouter(include_in_schema=False)
-PERIODS = (7, 30, 90)
 
 
 def visible_store_ids(session: DbSession, principal: Principal) -> list[str] | None:

@@ -194,7 +194,10 @@ def test_chain_page_lists_regions_and_stores(demo: RunningDemo) -> None:
     html = demo.client.get("/", headers={"Accept-Language": "zh-CN"}).text
     for name in ("浙江区", "上海区", "江苏区", "温州鹿城店", "南京鼓楼店", "上海徐汇店"):
         assert name in html, name
-    assert len(re.findall(r'href="/stores/S\d{3}"', html)) == 12
+    assert len(set(re.findall(r'href="/stores/S\d{3}"', html))) == 12
+    # Below today's table: the last 7 days' KPIs, every store ranked, the regions compared, the trend.
+    assert len(re.findall(r'<tr id="rank-S\d{3}">', html)) == 12 and 'id="compare-region-R-JS"' in html
+    assert 'id="trend-table"' in html and "/static/vendor/echarts/echarts.common.min.js" in html
     assert html.index("浙江区") < html.index("上海区") < html.index("江苏区")
     fragment = demo.client.get("/live", headers={"Accept-Language": "en"}).text
     assert "Zhejiang" in fragment and "<html" not in fragment

@@ -103,3 +103,24 @@ def test_exports_sorting_and_scope(server: LiveServer) -> None:
     with closing(sign_in(server.url, "mgr-s001", PASSWORD)) as manager:
         assert manager.get("/reports/morning", params=day).status_code == 403
         assert manager.get("/reports/morning.xlsx", params=day).status_code == 403
+
+
+def test_the_chain_view_ranks_the_services_numbers_over_30_days(server: LiveServer, chain: Engine) -> None:
+    from dashboard.rankings import morning_day
+    from store_rules.metrics import store_days
+
+    with closing(sign_in(server.url, "hq", PASSWORD, headers={"Accept-Language": "en"})) as hq:
+        html = hq.get("/", params={"days": "30", "sort": "insurance_pass_rate"}).text
+    rows = rows_of(html)
+    last = morning_day("Asia/Shanghai")
+    days = [last - timedelta(days=n) for n in range(30)]
+    with session_scope(chain) as session:
+        metrics = store_days(session=session, store_ids=["S001", "S002", "S003"], days=days)
+    for store_id in ("S001", "S002", "S003"):
+        for key in ("insurance_pass_rate", "symptom_completeness", "conversion_rate"):
+            ratios = [getattr(metrics[(store_id, d)], key) for d in days]
+            expected = (sum(r.numerator for r in ratios), sum(r.denominator for r in ratios))
+            assert rows[store_id][key] == expected, (store_id, key)
+    assert rows["S001"]["insurance_pass_rate"] == (44, 70)  # 7 + 6 + 31 passes of 10 + 10 + 50 checks
+    assert list(rows) == ["S002", "S001", "S003"]  # sorted by pass rate: 90 %, 62.9 %, none
+    assert 'id="compare-region-R-ZJ"' in html and "Last 30 days" in html
