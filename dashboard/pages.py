@@ -9,6 +9,7 @@ as totals, headquarters and admins the chain.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -39,6 +40,7 @@ from dashboard.store_today import chain_today, store_today
 from ingest.db import session_scope
 from ingest.models import Store
 from ingest.users import PageSession, Principal
+from store_rules.counter import mask_name
 from store_rules.metrics import Ratio
 from store_rules.promotions import service as promotions
 from store_rules.promotions.templates import plain, stored_template
@@ -158,6 +160,10 @@ def _store_view(
     if not page.principal.sees_store(today.store.store_id, today.store.region_id):
         refused = "_forbidden.html" if fragment else "403.html"
         return render(request, refused, {"store_id": store_id, "user": page}, status_code=403)
+    if not page.principal.sees_customers(today.store.store_id, today.store.region_id):
+        today = dataclasses.replace(
+            today, latest=[dataclasses.replace(r, member_name=mask_name(r.member_name)) for r in today.latest]
+        )
     context: dict[str, Any] = {"today": today, "user": page, "message": message}
     if not fragment:
         context.update(store_panels(session, today.store, page.principal))

@@ -134,7 +134,8 @@ def sort_ranking(rows: list[StoreRank], key: str, descending: bool = True) -> li
         key = "sales"
     present = [r for r in rows if r.value(key) is not None]
     missing = [r for r in rows if r.value(key) is None]
-    present.sort(key=lambda r: (r.value(key) or 0.0, r.store.store_id), reverse=descending)
+    sign = -1.0 if descending else 1.0
+    present.sort(key=lambda r: (sign * (r.value(key) or 0.0), r.store.store_id))  # ties: in store order
     return present + sorted(missing, key=lambda r: r.store.store_id)
 
 
