@@ -211,6 +211,19 @@ MESSAGES: dict[str, dict[str, str]] = {
     "resolved_on": {ZH: "关闭日期", EN: "Resolved on"},
     "target": {ZH: "对象", EN: "Target"},
     "filter": {ZH: "筛选", EN: "Filter"},
+    "flow_by_staff": {ZH: "今日五步法执行（按店员）", EN: "Counter flow today, by staff member"},
+    "consultations": {ZH: "问诊数", EN: "Consultations"},
+    "steps_done": {ZH: "步骤完成率", EN: "Steps done"},
+    "steps_skipped": {ZH: "跳过步骤", EN: "Steps skipped"},
+    "unknown_staff": {ZH: "未记录店员", EN: "no staff recorded"},
+    "no_consultations_today": {ZH: "今日暂无问诊。", EN: "No consultation today yet."},
+    "answer": {ZH: "回答", EN: "Answer"},
+    "count": {ZH: "次数", EN: "Count"},
+    "share": {ZH: "占比", EN: "Share"},
+    "no_prompt_answers": {ZH: "今日暂无扫码提示回答。", EN: "No prompt answered today yet."},
+    "answer_doctor": {ZH: "医生推荐", EN: "doctor's recommendation"},
+    "answer_referral": {ZH: "老客转介", EN: "returning-customer referral"},
+    "answer_poster": {ZH: "海报引导", EN: "in-store poster"},
     "role_staff": {ZH: "店员", EN: "store staff"},
     "role_manager": {ZH: "店长", EN: "store manager"},
     "role_supervisor": {ZH: "区域督导", EN: "region supervisor"},
@@ -284,6 +297,10 @@ class Translator:
             return key
         text = entry.get(self.lang) or entry[EN]
         return text.format(**values) if values else text
+
+    def text_or(self, key: str, default: str) -> str:
+        """The key's text, or `default` when there is none (free-text answers, say)."""
+        return self(key) if key in MESSAGES else default
 
     @property
     def other(self) -> str:

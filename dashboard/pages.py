@@ -14,12 +14,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jinja2
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dashboard.auth import Page, check_csrf
@@ -38,10 +40,10 @@ from dashboard.rankings import (
 )
 from dashboard.store_today import chain_today, store_today
 from ingest.db import session_scope
-from ingest.models import Store
+from ingest.models import Sku, Staff, Store
 from ingest.users import PageSession, Principal
 from store_rules.counter import mask_name
-from store_rules.metrics import Ratio
+from store_rules.metrics import Ratio, prompt_answer_distribution, staff_compliance
 from store_rules.promotions import service as promotions
 from store_rules.promotions.templates import plain, stored_template
 from store_rules.stock import stock_risks
@@ -190,7 +192,15 @@ def store_panels(session: Session, store: Store, principal: Principal) -> dict[s
         rate = promotions.execution(session=session, promotion=promotion).ratio
         missing = promotions.tills_never_acknowledged(session=session, promotion=promotion)
         active.append({"promotion": promotion, "rate": rate, "never_acked": missing})
+    today = now.astimezone(ZoneInfo(store.timezone)).date()
+    staff_names = dict(
+        session.execute(select(Staff.staff_id, Staff.name).where(Staff.store_id == store.store_id)).all()
+    )
     return {
+        "staff_compliance": staff_compliance(session=session, store_id=store.store_id, day=today),
+        "staff_names": staff_names,
+        "prompt_answers": prompt_answer_distribution(session=session, store_id=store.store_id, day=today).prompts,
+        "sku_names": {s.sku: s for s in session.scalars(select(Sku))},
         "may_decide": principal.chain_wide or (principal.role == "manager" and principal.store_id == store.store_id),
         "pending": pending,
         "active": active,

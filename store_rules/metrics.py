@@ -552,3 +552,47 @@ def store_days(
 def day_metrics(*, session: Session, store_id: str, day: date) -> DayMetrics:
     """All metrics of one store's business day."""
     return store_days(session=session, store_ids=[store_id], days=[day])[(store_id, day)]
+
+
+# --- by staff member -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaffCompliance:
+    """The counter flow of the consultations one staff member started on a business day."""
+
+    staff_id: str | None
+    consultations: int
+    steps: Ratio  # steps done ÷ steps required, over those consultations
+    symptoms: Ratio  # consultations with symptoms recorded ÷ consultations
+    skipped: int  # steps skipped with a reason
+    insurance: Ratio  # pass ÷ (pass + fail) of their checks
+
+
+def staff_compliance(*, session: Session, store_id: str, day: date) -> list[StaffCompliance]:
+    """Per staff member of the first contact, most consultations first; consultations as in the store metrics."""
+    loaded, flow = _one_day(session, store_id, day, frozenset({STEPS}))
+    required = len(flow.required_steps)
+    grouped: dict[str | None, list[Consultation]] = {}
+    for consultation in loaded.consultations:
+        first = consultation.first_contact
+        grouped.setdefault(first.staff_id if first else None, []).append(consultation)
+    rows = []
+    for staff_id, consultations in grouped.items():
+        recorded = sum(1 for c in consultations if _step_done(c, "symptoms") is not None)
+        results = Counter(
+            (check.data or {}).get("result")
+            for c in consultations
+            if (check := _step_done(c, "insurance_check")) is not None
+        )
+        rows.append(
+            StaffCompliance(
+                staff_id=staff_id,
+                consultations=len(consultations),
+                steps=Ratio(sum(len(c.done) for c in consultations), required * len(consultations)),
+                symptoms=Ratio(recorded, len(consultations)),
+                skipped=sum(len(c.skipped) for c in consultations),
+                insurance=Ratio(results["pass"], results["pass"] + results["fail"]),
+            )
+        )
+    return sorted(rows, key=lambda r: (-r.consultations, r.staff_id or ""))

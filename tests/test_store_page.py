@@ -98,3 +98,42 @@ def test_only_the_store_s_manager_decides_and_a_rejection_needs_a_reason(server:
         assert "No promotion waits for a decision." in manager.get("/stores/S001").text
     assert [p.status for p in promotions_of(chain)] == ["rejected"]
     assert httpx.post(f"{server.url}{reject}").status_code == 303  # not signed in: to the login form
+
+
+def test_the_staff_and_prompt_panels_show_the_metric_services_numbers(server: LiveServer, chain: Engine) -> None:
+    from store_rules.metrics import prompt_answer_distribution, staff_compliance
+    from tests.test_metrics import SHANGHAI, answer, flow_events
+
+    now = datetime.now(SHANGHAI)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if now - midnight < timedelta(minutes=20):
+        pytest.skip("the store page shows today: its first 20 minutes cannot hold three past consultations")
+    start = now - timedelta(minutes=20)
+    ingest(
+        chain,
+        flow_events("C-A", start)
+        + flow_events("C-B", start + timedelta(minutes=6), skipped=("symptoms",), insurance="fail")
+        + flow_events("C-C", start + timedelta(minutes=12), absent=("guidance",))
+        + [
+            answer(1, start, "doctor"),
+            answer(2, start + timedelta(minutes=1), "poster"),
+            answer(3, start + timedelta(minutes=2), "doctor"),
+        ],
+    )
+    with session_scope(chain) as session:
+        (expected,) = staff_compliance(session=session, store_id="S001", day=now.date())
+        (prompts,) = prompt_answer_distribution(session=session, store_id="S001", day=now.date()).prompts
+    assert (expected.consultations, expected.skipped) == (3, 1)
+    assert (expected.steps.numerator, expected.steps.denominator) == (13, 15)  # 5 + 4 + 4 done of 3 × 5
+    with closing(sign_in(server.url, "mgr-s001", PASSWORD, headers={"Accept-Language": "zh-CN"})) as manager:
+        html = manager.get("/stores/S001").text
+    row = re.search(r'<tr id="staff-E0101">(.*?)</tr>', html, re.DOTALL)
+    assert row is not None and "李娜" in row.group(1)
+    values = re.findall(r'data-value="(\d+)/(\d+)"', row.group(1))
+    assert [tuple(map(int, v)) for v in values] == [
+        (expected.steps.numerator, expected.steps.denominator),
+        (expected.symptoms.numerator, expected.symptoms.denominator),
+        (expected.insurance.numerator, expected.insurance.denominator),
+    ]
+    assert [(a.answer, a.count) for a in prompts.answers] == [("doctor", 2), ("poster", 1)]
+    assert 'data-answer="doctor"' in html and "医生推荐" in html and "海报引导" in html
