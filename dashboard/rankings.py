@@ -19,13 +19,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from openpyxl import Workbook
-from sqlalchemy import case, func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ingest.models import Footfall, Receipt, Region, Store
+from ingest.models import Region, Store
 from store_rules.alerts.service import response_timeliness
-from store_rules.metrics import Ratio, store_days
+from store_rules.metrics import Ratio
 from store_rules.promotions.service import execution_by_store
+from store_rules.rollups import store_day_values
 
 FLOW_METRICS = ("step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
 RATIO_KEYS = ("conversion_rate", *FLOW_METRICS, "timeliness", "execution")
@@ -98,24 +99,16 @@ def store_ranking(
         return []
     ids = list(ranks)
     start, end = span(first, last, tz)
-    for store_id, total, sales in session.execute(
-        select(Receipt.store_id, func.sum(Receipt.total), func.sum(case((Receipt.kind == "sale", 1), else_=0)))
-        .where(Receipt.store_id.in_(ids), Receipt.occurred_at >= start, Receipt.occurred_at < end)
-        .group_by(Receipt.store_id)
-    ):
-        ranks[store_id].sales = Decimal(str(total or 0)).quantize(Decimal("0.01"))
-        ranks[store_id].transactions = int(sales or 0)
-    for store_id, visitors in session.execute(
-        select(Footfall.store_id, func.sum(Footfall.count_in))
-        .where(Footfall.store_id.in_(ids), Footfall.occurred_at >= start, Footfall.occurred_at < end)
-        .group_by(Footfall.store_id)
-    ):
-        ranks[store_id].visitors = int(visitors or 0)
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for (store_id, _day), metrics in store_days(session=session, store_ids=ids, days=days).items():
+    # Closed days come from the rollups (a dirty or missing one is computed on the fly).
+    for (store_id, _day), values in store_day_values(session=session, stores=stores, days=days).items():
+        rank = ranks[store_id]
+        rank.sales += values.sales
+        rank.transactions += values.transactions
+        rank.visitors += values.visitors
         for key in ("conversion_rate", *FLOW_METRICS):
-            ratio = getattr(metrics, key)
+            ratio = values.ratios.get(key, Ratio(0, 0))
             sums[(store_id, key)][0] += ratio.numerator
             sums[(store_id, key)][1] += ratio.denominator
     timeliness = response_timeliness(session=session, since=start, until=end).by_store
@@ -262,26 +255,16 @@ class DayPoint:
 def daily_series(
     *, session: Session, first: date, last: date, timezone: str, store_ids: list[str] | None = None
 ) -> list[DayPoint]:
-    """Sales, transactions and visitors of the given stores (or all) per business day of the chain."""
-    tz = ZoneInfo(timezone)
-    start, end = span(first, last, tz)
-    points = {first + timedelta(days=n): DayPoint(first + timedelta(days=n)) for n in range((last - first).days + 1)}
-    receipts = select(Receipt.occurred_at, Receipt.total, Receipt.kind).where(
-        Receipt.occurred_at >= start, Receipt.occurred_at < end
-    )
-    visitors = select(Footfall.occurred_at, Footfall.count_in).where(
-        Footfall.occurred_at >= start, Footfall.occurred_at < end
-    )
+    """Sales, transactions and visitors of the given stores (or all) per business day, from the rollups."""
+    query = select(Store).where(Store.active.is_(True))
     if store_ids is not None:
-        receipts = receipts.where(Receipt.store_id.in_(store_ids))
-        visitors = visitors.where(Footfall.store_id.in_(store_ids))
-    for at, total, kind in session.execute(receipts):
-        point = points.get(at.astimezone(tz).date())
-        if point is not None:
-            point.sales += Decimal(str(total))
-            point.transactions += kind == "sale"
-    for at, count in session.execute(visitors):
-        point = points.get(at.astimezone(tz).date())
-        if point is not None:
-            point.visitors += int(count or 0)
-    return [points[d] for d in sorted(points)]
+        query = query.where(Store.store_id.in_(store_ids))
+    stores = list(session.scalars(query))
+    days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
+    points = {day: DayPoint(day) for day in days}
+    for (_store_id, day), values in store_day_values(session=session, stores=stores, days=days).items():
+        point = points[day]
+        point.sales += values.sales
+        point.transactions += values.transactions
+        point.visitors += values.visitors
+    return [points[d] for d in days]

@@ -303,6 +303,52 @@ class PromotionAck(Base):
     source: Mapped[str] = mapped_column(String(200))
 
 
+class RollupDirty(Base):
+    """A store-day whose rollup must be recomputed: an event for it was accepted since."""
+
+    __tablename__ = "rollup_dirty"
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    marked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RollupStoreDay(Base):
+    """One store's business day: figures and each counter-flow ratio's numerator and denominator."""
+
+    __tablename__ = "rollup_store_day"
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    sales: Mapped[Decimal] = mapped_column(Money)
+    transactions: Mapped[int] = mapped_column(Integer)
+    returns: Mapped[int] = mapped_column(Integer)
+    visitors: Mapped[int] = mapped_column(Integer)
+    conversion_rate_num: Mapped[int] = mapped_column(Integer)
+    conversion_rate_den: Mapped[int] = mapped_column(Integer)
+    step_completeness_num: Mapped[int] = mapped_column(Integer)
+    step_completeness_den: Mapped[int] = mapped_column(Integer)
+    symptom_completeness_num: Mapped[int] = mapped_column(Integer)
+    symptom_completeness_den: Mapped[int] = mapped_column(Integer)
+    insurance_pass_rate_num: Mapped[int] = mapped_column(Integer)
+    insurance_pass_rate_den: Mapped[int] = mapped_column(Integer)
+    traceability_num: Mapped[int] = mapped_column(Integer)
+    traceability_den: Mapped[int] = mapped_column(Integer)
+    computed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    __table_args__ = (Index("ix_rollup_store_day_day", "day"),)
+
+
+class RollupStoreSkuDay(Base):
+    """Units, sales and sale lines (with a promotion or not) of one SKU in one store's business day."""
+
+    __tablename__ = "rollup_store_sku_day"
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    sku: Mapped[str] = mapped_column(String(64), primary_key=True)
+    units: Mapped[Decimal] = mapped_column(Quantity)
+    sales: Mapped[Decimal] = mapped_column(Money)
+    lines: Mapped[int] = mapped_column(Integer)
+    promo_lines: Mapped[int] = mapped_column(Integer)
+
+
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

@@ -23,18 +23,18 @@ from types import FrameType
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.engine import make_url
 
 from ingest.db import get_engine, session_scope
 from ingest.masterdata import IMPORT_ORDER, ImportReport, import_file
 from ingest.migrate import upgrade
-from ingest.models import Store, User
+from ingest.models import RollupDirty, Store, User
 from ingest.settings import get_settings
 from ingest.tokens import create_token
 from seeds.pos_till import PosError, PosTill
 from seeds.simulator import DEMO_CHAIN_DIR, SEED, Chain, HistoryReport, LiveFeed, load_chain, load_history
-from store_rules import compliance
+from store_rules import compliance, rollups
 from store_rules.definitions import CONFIG_DIR, load_config_dir
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def prepare(
         )
         + f" (from {CONFIG_DIR})"
     )
-    compliance.install()  # history goes through the same ingest hook as the tills' events
+    compliance.install()  # history goes through the same ingest hooks as the tills' events
+    rollups.install()
     echo(f"simulating {days} days of history and today so far for {len(chain.stores)} stores ...")
     history = load_history(engine, chain, days=days, now=now)
     echo(
@@ -171,6 +172,11 @@ def prepare(
     )
     for error in history.errors:
         echo(f"  rejected: {error}")
+    with session_scope(engine) as session:
+        today = (now or datetime.now(UTC)).astimezone(get_settings().chain_tz).date()
+        built = rollups.rebuild(session=session, first=today - timedelta(days=days), last=today - timedelta(days=1))
+        session.execute(delete(RollupDirty).where(RollupDirty.day < today))
+    echo(f"rollups: {built} store-days")
     alerts = replay_rules(engine, days=days, now=now)
     echo(f"rules: {alerts} alert(s) raised over the history (storepulse scheduler keeps evaluating)")
     pending, approved = approve_pos_stores_drafts(engine, now=now)

@@ -18,6 +18,8 @@ from ingest.settings import get_settings
 rules_app = typer.Typer(help="Alert rules: load, list, versions, evaluate, back-test.", no_args_is_help=True)
 users_app = typer.Typer(help="People: create, list, disable (each gets a personal API token).", no_args_is_help=True)
 alerts_app = typer.Typer(help="Alerts: list, acknowledge, resolve, deliver.", no_args_is_help=True)
+rollups_app = typer.Typer(help="Rollups for the dashboards: refresh the dirty store-days, rebuild a range.",
+                          no_args_is_help=True)  # fmt: skip
 promotions_app = typer.Typer(
     help="Promotions: list, approve, reject, retract, expire and publish.", no_args_is_help=True
 )
@@ -390,3 +392,42 @@ def promotions_housekeeping() -> None:
     finally:
         publisher.close()
     typer.echo(f"expired {len(done.expired)}, ended {len(done.ended)}, published {len(sent)} set(s)")
+
+
+@rollups_app.command("refresh")
+def rollups_refresh() -> None:
+    """Recompute every dirty store-day now (what the scheduler does every minute)."""
+    from store_rules import rollups
+
+    total = 0
+    while True:
+        with session_scope() as session:
+            done = rollups.refresh(session=session)
+        total += done
+        if not done:
+            break
+    typer.echo(f"{total} store-day(s) recomputed")
+
+
+@rollups_app.command("rebuild")
+def rollups_rebuild(
+    from_: Annotated[str, typer.Option("--from", help="first business day YYYY-MM-DD")],
+    to: Annotated[str, typer.Option("--to", help="last business day YYYY-MM-DD")],
+    store: Annotated[list[str] | None, typer.Option("--store", help="only these stores")] = None,
+) -> None:
+    """Recompute every store-day of a range (after a bulk import, say), day by day."""
+    from datetime import timedelta
+
+    from store_rules import rollups
+
+    try:
+        first, last = date.fromisoformat(from_), date.fromisoformat(to)
+    except ValueError as exc:
+        _fail(f"--from/--to: {exc}", 2)
+        return
+    total, day = 0, first
+    while day <= last:
+        with session_scope() as session:
+            total += rollups.rebuild(session=session, first=day, last=day, store_ids=store)
+        day += timedelta(days=1)
+    typer.echo(f"{total} store-day(s) rebuilt ({first} – {last})")

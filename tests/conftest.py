@@ -29,6 +29,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TRUNCATE_ORDER = (
+    "rollup_dirty",
+    "rollup_store_day",
+    "rollup_store_sku_day",
     "promotion_audit",
     "promotion_sets",
     "promotions",

@@ -1,7 +1,8 @@
 """`storepulse scheduler`: one APScheduler job per enabled rule, plus delivery, escalation and promotions.
 
 The promotions job expires undecided drafts, ends promotions past their end and publishes any
-promotion set still unpublished (e.g. the broker was away when a manager approved).
+promotion set still unpublished (e.g. the broker was away when a manager approved). The rollups
+job recomputes the store-days that events marked dirty.
 
 Only one scheduler is active per database: it holds a PostgreSQL advisory lock (a file lock
 next to the database on SQLite) for as long as it runs; a second instance waits for it and
@@ -15,6 +16,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from adapters.publish.base import PromotionPublisher
 from ingest.db import session_scope
+from store_rules import rollups
 from store_rules.alerts.definitions import AnyRule, stored_rule, stored_rules
 from store_rules.alerts.delivery import DeliveryPolicy, deliver_due
 from store_rules.alerts.service import escalate_due, evaluate_rule
@@ -145,6 +148,14 @@ class RuleScheduler:
         if self.publisher is not None:
             promotions.publish_pending(engine=self.engine, publisher=self.publisher)
 
+    def _rollups(self) -> None:
+        # A bounded batch per transaction, until the backlog is gone or the minute is over.
+        deadline = time.monotonic() + 50
+        while time.monotonic() < deadline:
+            with session_scope(self.engine) as session:
+                if not rollups.refresh(session=session):
+                    return
+
     def _escalate(self) -> None:
         with session_scope(self.engine) as session:
             escalate_due(session=session)
@@ -200,6 +211,8 @@ class RuleScheduler:
                 next_run_time=datetime.now(UTC))  # fmt: skip
             add(self._guard("promotions", self._promotions), "interval", seconds=self.promotions_interval_s,
                 id="promotions", next_run_time=datetime.now(UTC))  # fmt: skip
+            add(self._guard("rollups", self._rollups), "interval", seconds=60, id="rollups",
+                next_run_time=datetime.now(UTC))  # fmt: skip
             add(self._guard("reload-rules", self.sync_rule_jobs), "interval", seconds=self.reload_interval_s,
                 id="reload-rules")  # fmt: skip
             add(self._check_leadership, "interval", seconds=10, id="leadership")

@@ -1,0 +1,256 @@
+"""Rollups: per store and business day (figures and the counter-flow ratios) and per store × SKU × day,
+kept up to date as events arrive.
+
+Every accepted event marks its store-day dirty, in the transaction that stores it (an ingest
+hook). `refresh` recomputes dirty store-days from the raw events with the metric services
+(so a rollup equals the service's number) and clears the marks; the scheduler runs it every
+minute and `storepulse rollups rebuild` fills a range at once. Readers (`store_day_values`)
+take the rollup of a clean store-day and compute a dirty or missing one on the fly, without
+writing: a page never shows a stale number and never writes on GET. Today is always read
+raw (it is dirty all day long).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import case, delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from ingest.contract import Event
+from ingest.hooks import register_accepted_hook
+from ingest.models import Footfall, Receipt, ReceiptLine, RollupDirty, RollupStoreDay, RollupStoreSkuDay, Store
+from ingest.timeseries import business_window
+from store_rules.metrics import Ratio, store_days
+
+log = logging.getLogger(__name__)
+RATIOS = ("conversion_rate", "step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
+BATCH = 200  # store-days recomputed per transaction by `refresh`
+
+
+@dataclass
+class DayValues:
+    """What a page needs of one store's business day."""
+
+    sales: Decimal = Decimal("0.00")
+    transactions: int = 0
+    returns: int = 0
+    visitors: int = 0
+    ratios: dict[str, Ratio] = field(default_factory=dict)
+
+
+def _insert(session: Session) -> Any:
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+# --- marking ---------------------------------------------------------------------------------
+
+_zones: dict[str, str] = {}
+
+
+def _zone_of(session: Session, store_id: str) -> ZoneInfo:
+    if store_id not in _zones:
+        store = session.get(Store, store_id)
+        _zones[store_id] = store.timezone if store else "Asia/Shanghai"
+    return ZoneInfo(_zones[store_id])
+
+
+def mark_dirty(session: Session, events: Sequence[Event]) -> None:
+    """The ingest hook: every store-day that just got an event needs its rollup recomputed."""
+    pairs = {(e.store_id, e.occurred_at.astimezone(_zone_of(session, e.store_id)).date()) for e in events}
+    if not pairs:
+        return
+    now = datetime.now(UTC)
+    rows = [{"store_id": s, "day": d, "marked_at": now} for s, d in sorted(pairs)]
+    session.execute(_insert(session)(RollupDirty).values(rows).on_conflict_do_nothing())
+
+
+def install() -> None:
+    register_accepted_hook("rollups", mark_dirty)
+
+
+# --- computing -------------------------------------------------------------------------------
+
+
+def compute(session: Session, stores: Sequence[Store], days: Sequence[date]) -> dict[tuple[str, date], DayValues]:
+    """Every (store, day) of the product from the raw events, in a few grouped queries per time zone."""
+    out: dict[tuple[str, date], DayValues] = {(s.store_id, d): DayValues() for s in stores for d in days}
+    if not out:
+        return out
+    by_zone: dict[str, list[str]] = defaultdict(list)
+    for store in stores:
+        by_zone[store.timezone].append(store.store_id)
+    for zone_name, ids in by_zone.items():
+        tz = ZoneInfo(zone_name)
+        for day in days:
+            start, end = business_window(day, tz)
+            for store_id, total, sales, returns in session.execute(
+                select(
+                    Receipt.store_id, func.sum(Receipt.total), func.sum(case((Receipt.kind == "sale", 1), else_=0)),
+                    func.sum(case((Receipt.kind == "sale", 0), else_=1)),
+                )
+                .where(Receipt.store_id.in_(ids), Receipt.occurred_at >= start, Receipt.occurred_at < end)
+                .group_by(Receipt.store_id)
+            ):  # fmt: skip
+                values = out[(store_id, day)]
+                values.sales = Decimal(str(total or 0)).quantize(Decimal("0.01"))
+                values.transactions, values.returns = int(sales or 0), int(returns or 0)
+            for store_id, visitors in session.execute(
+                select(Footfall.store_id, func.sum(Footfall.count_in))
+                .where(Footfall.store_id.in_(ids), Footfall.occurred_at >= start, Footfall.occurred_at < end)
+                .group_by(Footfall.store_id)
+            ):
+                out[(store_id, day)].visitors = int(visitors or 0)
+    metrics = store_days(session=session, store_ids=[s.store_id for s in stores], days=days)
+    for key, day_metrics in metrics.items():
+        out[key].ratios = {name: getattr(day_metrics, name) for name in RATIOS}
+    return out
+
+
+def _sku_days(session: Session, store: Store, day: date) -> list[dict[str, Any]]:
+    start, end = business_window(day, ZoneInfo(store.timezone))
+    rows = session.execute(
+        select(
+            ReceiptLine.sku, func.sum(ReceiptLine.qty), func.sum(ReceiptLine.amount), func.count(),
+            func.sum(case((ReceiptLine.promotion_id.is_not(None), 1), else_=0)),
+        )
+        .where(
+            ReceiptLine.store_id == store.store_id, ReceiptLine.kind == "sale",
+            ReceiptLine.occurred_at >= start, ReceiptLine.occurred_at < end,
+        )
+        .group_by(ReceiptLine.sku)
+    )  # fmt: skip
+    return [
+        {"store_id": store.store_id, "day": day, "sku": sku, "units": Decimal(str(units or 0)),
+         "sales": Decimal(str(amount or 0)), "lines": int(lines), "promo_lines": int(promo or 0)}
+        for sku, units, amount, lines, promo in rows
+    ]  # fmt: skip
+
+
+def _row(store_id: str, day: date, values: DayValues, now: datetime) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "store_id": store_id, "day": day, "sales": values.sales, "transactions": values.transactions,
+        "returns": values.returns, "visitors": values.visitors, "computed_at": now,
+    }  # fmt: skip
+    for name in RATIOS:
+        ratio = values.ratios.get(name, Ratio(0, 0))
+        row[f"{name}_num"], row[f"{name}_den"] = ratio.numerator, ratio.denominator
+    return row
+
+
+def store(session: Session, pairs: Iterable[tuple[str, date]], now: datetime | None = None) -> int:
+    """Recompute and upsert the rollups of these store-days (and their SKU rows)."""
+    now = now or datetime.now(UTC)
+    wanted = sorted(set(pairs))
+    if not wanted:
+        return 0
+    stores = {s.store_id: s for s in session.scalars(select(Store).where(Store.store_id.in_({s for s, _ in wanted})))}
+    by_day: dict[date, list[str]] = defaultdict(list)
+    for store_id, day in wanted:
+        if store_id in stores:
+            by_day[day].append(store_id)
+    insert = _insert(session)
+    written = 0
+    for day, ids in sorted(by_day.items()):
+        values = compute(session, [stores[i] for i in ids], [day])
+        rows = [_row(i, day, values[(i, day)], now) for i in ids]
+        statement = insert(RollupStoreDay).values(rows)
+        updates = {c: getattr(statement.excluded, c) for c in rows[0] if c not in ("store_id", "day")}
+        session.execute(statement.on_conflict_do_update(index_elements=["store_id", "day"], set_=updates))
+        session.execute(
+            delete(RollupStoreSkuDay).where(RollupStoreSkuDay.day == day, RollupStoreSkuDay.store_id.in_(ids))
+        )
+        sku_rows = [r for i in ids for r in _sku_days(session, stores[i], day)]
+        if sku_rows:
+            session.execute(insert(RollupStoreSkuDay).values(sku_rows))
+        written += len(rows)
+    return written
+
+
+def refresh(*, session: Session, limit: int = BATCH, now: datetime | None = None) -> int:
+    """Recompute up to `limit` dirty store-days (oldest marks first) and clear their marks.
+
+    Today's store-days stay marked: they change all day, and readers compute today raw anyway.
+    A mark set again while recomputing survives (only marks not newer than the run are cleared).
+    """
+    now = now or datetime.now(UTC)
+    candidates = session.execute(
+        select(RollupDirty.store_id, RollupDirty.day, RollupDirty.marked_at)
+        .where(RollupDirty.day <= now.date())
+        .order_by(RollupDirty.marked_at)
+        .limit(limit)
+    ).all()
+    marks = [m for m in candidates if m.day < now.astimezone(_zone_of(session, m.store_id)).date()]
+    if not marks:
+        return 0
+    written = store(session, [(s, d) for s, d, _ in marks], now)
+    for store_id, day, marked_at in marks:
+        session.execute(
+            delete(RollupDirty).where(
+                RollupDirty.store_id == store_id, RollupDirty.day == day, RollupDirty.marked_at <= marked_at
+            )
+        )
+    return written
+
+
+def rebuild(*, session: Session, first: date, last: date, store_ids: Iterable[str] | None = None) -> int:
+    """Recompute every store-day of the range now (e.g. after an import or a bulk load)."""
+    query = select(Store.store_id)
+    if store_ids is not None:
+        query = query.where(Store.store_id.in_(list(store_ids)))
+    ids = list(session.scalars(query))
+    days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
+    return store(session, [(s, d) for s in ids for d in days])
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def store_day_values(
+    *, session: Session, stores: Sequence[Store], days: Sequence[date]
+) -> dict[tuple[str, date], DayValues]:
+    """(store, day) → its values: the rollup when it is clean, else computed from the raw events."""
+    ids = [s.store_id for s in stores]
+    if not ids or not days:
+        return {}
+    out: dict[tuple[str, date], DayValues] = {}
+    rows = session.scalars(
+        select(RollupStoreDay).where(
+            RollupStoreDay.store_id.in_(ids), RollupStoreDay.day >= min(days), RollupStoreDay.day <= max(days)
+        )
+    )
+    wanted = set(days)
+    for row in rows:
+        if row.day in wanted:
+            out[(row.store_id, row.day)] = DayValues(
+                sales=Decimal(str(row.sales)), transactions=row.transactions, returns=row.returns,
+                visitors=row.visitors,
+                ratios={n: Ratio(getattr(row, f"{n}_num"), getattr(row, f"{n}_den")) for n in RATIOS},
+            )  # fmt: skip
+    dirty = session.execute(
+        select(RollupDirty.store_id, RollupDirty.day).where(
+            RollupDirty.store_id.in_(ids), RollupDirty.day >= min(days), RollupDirty.day <= max(days)
+        )
+    ).all()
+    stale = {(s, d) for s, d in dirty} | {(s, d) for s in ids for d in days if (s, d) not in out}
+    if stale:
+        fresh_stores = [s for s in stores if any(p[0] == s.store_id for p in stale)]
+        fresh_days = sorted({d for _, d in stale})
+        computed = compute(session, fresh_stores, fresh_days)
+        for key in stale:
+            if key in computed:
+                out[key] = computed[key]
+    return out
+
+
+def pending(*, session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(RollupDirty)) or 0)
