@@ -73,7 +73,8 @@ RECEIPTS_SQL = """
 INSERT INTO receipts (event_id, occurred_at, store_id, terminal_id, receipt_id, kind, staff_id, member_id,
                       consultation_id, total, line_count, received_at, raw)
 SELECT 'B-' || st.store_id || '-' || d || '-' || r,
-       (CAST(:first AS date) + d) + time '08:00' - interval '8 hours' + (r * (14 * 3600.0 / :per_day)) * interval '1 second',
+       (CAST(:first AS date) + d) + time '08:00' - interval '8 hours'
+         + (r * (14 * 3600.0 / :per_day)) * interval '1 second',
        st.store_id, 'T' || (1 + r % 3), to_char(CAST(:first AS date) + d, 'YYYYMMDD') || '-' || r, 'sale',
        st.store_id || '-E' || (1 + r % 4), NULL,
        CASE WHEN r % 10 = 0 THEN 'C-' || st.store_id || '-' || d || '-' || r END,

@@ -116,24 +116,31 @@ def compute(session: Session, stores: Sequence[Store], days: Sequence[date]) -> 
     return out
 
 
-def _sku_days(session: Session, store: Store, day: date) -> list[dict[str, Any]]:
-    start, end = business_window(day, ZoneInfo(store.timezone))
-    rows = session.execute(
-        select(
-            ReceiptLine.sku, func.sum(ReceiptLine.qty), func.sum(ReceiptLine.amount), func.count(),
-            func.sum(case((ReceiptLine.promotion_id.is_not(None), 1), else_=0)),
-        )
-        .where(
-            ReceiptLine.store_id == store.store_id, ReceiptLine.kind == "sale",
-            ReceiptLine.occurred_at >= start, ReceiptLine.occurred_at < end,
-        )
-        .group_by(ReceiptLine.sku)
-    )  # fmt: skip
-    return [
-        {"store_id": store.store_id, "day": day, "sku": sku, "units": Decimal(str(units or 0)),
-         "sales": Decimal(str(amount or 0)), "lines": int(lines), "promo_lines": int(promo or 0)}
-        for sku, units, amount, lines, promo in rows
-    ]  # fmt: skip
+def _sku_days(session: Session, stores: Sequence[Store], day: date) -> list[dict[str, Any]]:
+    """Sale lines per store and SKU of one business day, one grouped query per time zone."""
+    by_zone: dict[str, list[str]] = defaultdict(list)
+    for store in stores:
+        by_zone[store.timezone].append(store.store_id)
+    out: list[dict[str, Any]] = []
+    for zone_name, ids in by_zone.items():
+        start, end = business_window(day, ZoneInfo(zone_name))
+        rows = session.execute(
+            select(
+                ReceiptLine.store_id, ReceiptLine.sku, func.sum(ReceiptLine.qty), func.sum(ReceiptLine.amount),
+                func.count(), func.sum(case((ReceiptLine.promotion_id.is_not(None), 1), else_=0)),
+            )
+            .where(
+                ReceiptLine.store_id.in_(ids), ReceiptLine.kind == "sale",
+                ReceiptLine.occurred_at >= start, ReceiptLine.occurred_at < end,
+            )
+            .group_by(ReceiptLine.store_id, ReceiptLine.sku)
+        )  # fmt: skip
+        out.extend(
+            {"store_id": store_id, "day": day, "sku": sku, "units": Decimal(str(units or 0)),
+             "sales": Decimal(str(amount or 0)), "lines": int(lines), "promo_lines": int(promo or 0)}
+            for store_id, sku, units, amount, lines, promo in rows
+        )  # fmt: skip
+    return out
 
 
 def _row(store_id: str, day: date, values: DayValues, now: datetime) -> dict[str, Any]:
@@ -169,9 +176,9 @@ def store(session: Session, pairs: Iterable[tuple[str, date]], now: datetime | N
         session.execute(
             delete(RollupStoreSkuDay).where(RollupStoreSkuDay.day == day, RollupStoreSkuDay.store_id.in_(ids))
         )
-        sku_rows = [r for i in ids for r in _sku_days(session, stores[i], day)]
-        if sku_rows:
-            session.execute(insert(RollupStoreSkuDay).values(sku_rows))
+        sku_rows = _sku_days(session, [stores[i] for i in ids], day)
+        if sku_rows:  # executemany: the driver batches, whatever the number of rows
+            session.execute(insert(RollupStoreSkuDay), sku_rows)
         written += len(rows)
     return written
 
