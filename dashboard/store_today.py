@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from ingest.models import Footfall, Member, Receipt, ReceiptLine, Region, Sku, Staff, Store
+from ingest.models import Footfall, Member, Receipt, ReceiptLine, Region, RollupStoreHour, Sku, Staff, Store
 from ingest.timeseries import business_window
 
 ZERO = Decimal("0.00")
@@ -113,6 +113,21 @@ def store_today(*, session: Session, store_id: str, now: datetime | None = None,
     start, end = business_window(local_now.date(), tz)
 
     hours: dict[int, HourFigures] = {hour: HourFigures(hour=hour) for hour in OPEN_HOURS}
+    # Closed hours from the hour rollup (added to as events are accepted), the current hour raw.
+    current = local_now.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+    for row in session.scalars(
+        select(RollupStoreHour).where(
+            RollupStoreHour.store_id == store_id, RollupStoreHour.hour_start >= start,
+            RollupStoreHour.hour_start < current,
+        )
+    ):  # fmt: skip
+        hour = row.hour_start.astimezone(tz).hour
+        bucket = hours.setdefault(hour, HourFigures(hour=hour))
+        bucket.sales += _money(row.sales)
+        bucket.transactions += row.transactions
+        bucket.returns += row.returns
+        bucket.visitors += row.visitors
+    start = max(start, current)
     receipts = session.execute(
         select(Receipt.occurred_at, Receipt.kind, Receipt.total).where(
             Receipt.store_id == store_id, Receipt.occurred_at >= start, Receipt.occurred_at < end
@@ -137,6 +152,7 @@ def store_today(*, session: Session, store_id: str, now: datetime | None = None,
     figures = Figures()
     for bucket in hours.values():
         figures.add(bucket)
+    start, _ = business_window(local_now.date(), tz)
     return StoreToday(
         store=store,
         region=session.get(Region, store.region_id),
@@ -254,6 +270,25 @@ def chain_today(*, session: Session, now: datetime | None = None, timezone: str 
         ids = [store.store_id for store in members]
         for store in members:
             days[store.store_id] = day
+        # Today's closed hours from the hour rollup, the current hour from the raw events.
+        current = now.astimezone(tz).replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+        for store_id, hour_sales, hour_transactions, hour_returns, hour_visitors in session.execute(
+            select(
+                RollupStoreHour.store_id, func.sum(RollupStoreHour.sales), func.sum(RollupStoreHour.transactions),
+                func.sum(RollupStoreHour.returns), func.sum(RollupStoreHour.visitors),
+            )
+            .where(
+                RollupStoreHour.store_id.in_(ids), RollupStoreHour.hour_start >= start,
+                RollupStoreHour.hour_start < current,
+            )
+            .group_by(RollupStoreHour.store_id)
+        ):  # fmt: skip
+            entry = figures[store_id]
+            entry.sales += _money(hour_sales)
+            entry.transactions += int(hour_transactions or 0)
+            entry.returns += int(hour_returns or 0)
+            entry.visitors += int(hour_visitors or 0)
+        start = max(start, current)
         sales = session.execute(
             select(
                 Receipt.store_id,
@@ -266,14 +301,16 @@ def chain_today(*, session: Session, now: datetime | None = None, timezone: str 
         )
         for store_id, total, transactions, returns in sales:
             entry = figures[store_id]
-            entry.sales, entry.transactions, entry.returns = _money(total), int(transactions or 0), int(returns or 0)
+            entry.sales += _money(total)
+            entry.transactions += int(transactions or 0)
+            entry.returns += int(returns or 0)
         visitors = session.execute(
             select(Footfall.store_id, func.sum(Footfall.count_in))
             .where(Footfall.store_id.in_(ids), Footfall.occurred_at >= start, Footfall.occurred_at < end)
             .group_by(Footfall.store_id)
         )
         for store_id, count_in in visitors:
-            figures[store_id].visitors = int(count_in or 0)
+            figures[store_id].visitors += int(count_in or 0)
 
     rows: dict[str, RegionRow] = {}
     total = Figures()

@@ -336,6 +336,18 @@ class RollupStoreDay(Base):
     __table_args__ = (Index("ix_rollup_store_day_day", "day"),)
 
 
+class RollupStoreHour(Base):
+    """Sales, transactions, returns and visitors of one store in one hour (UTC hour start), added to on ingest."""
+
+    __tablename__ = "rollup_store_hour"
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour_start: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    sales: Mapped[Decimal] = mapped_column(Money)
+    transactions: Mapped[int] = mapped_column(Integer)
+    returns: Mapped[int] = mapped_column(Integer)
+    visitors: Mapped[int] = mapped_column(Integer)
+
+
 class RollupStoreSkuDay(Base):
     """Units, sales and sale lines (with a promotion or not) of one SKU in one store's business day."""
 

@@ -1,5 +1,9 @@
-"""Rollups: per store and business day (figures and the counter-flow ratios) and per store × SKU × day,
-kept up to date as events arrive.
+"""Rollups: per store and business day (figures and the counter-flow ratios), per store and hour,
+and per store × SKU × day, kept up to date as events arrive.
+
+The hour rollup is added to in the transaction that accepts each receipt or footfall count (a
+duplicate is never accepted, so it is never counted twice); `store` rewrites it from the raw
+events for the store-days it recomputes, which also covers bulk loads that bypass ingest.
 
 Every accepted event marks its store-day dirty, in the transaction that stores it (an ingest
 hook). `refresh` recomputes dirty store-days from the raw events with the metric services
@@ -26,15 +30,25 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from ingest.contract import Event
+from ingest.contract import Event, FootfallEvent, ReceiptEvent
 from ingest.hooks import register_accepted_hook
-from ingest.models import Footfall, Receipt, ReceiptLine, RollupDirty, RollupStoreDay, RollupStoreSkuDay, Store
+from ingest.models import (
+    Footfall,
+    Receipt,
+    ReceiptLine,
+    RollupDirty,
+    RollupStoreDay,
+    RollupStoreHour,
+    RollupStoreSkuDay,
+    Store,
+)
 from ingest.timeseries import business_window
 from store_rules.metrics import Ratio, store_days
 
 log = logging.getLogger(__name__)
 RATIOS = ("conversion_rate", "step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
 BATCH = 200  # store-days recomputed per transaction by `refresh`
+HOUR_COUNTERS = ("sales", "transactions", "returns", "visitors")
 
 
 @dataclass
@@ -64,14 +78,35 @@ def _zone_of(session: Session, store_id: str) -> ZoneInfo:
     return ZoneInfo(_zones[store_id])
 
 
+def _hour(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
 def mark_dirty(session: Session, events: Sequence[Event]) -> None:
-    """The ingest hook: every store-day that just got an event needs its rollup recomputed."""
+    """The ingest hook: mark each event's store-day dirty and add receipts and visitors to their hour."""
     pairs = {(e.store_id, e.occurred_at.astimezone(_zone_of(session, e.store_id)).date()) for e in events}
     if not pairs:
         return
     now = datetime.now(UTC)
     rows = [{"store_id": s, "day": d, "marked_at": now} for s, d in sorted(pairs)]
     session.execute(_insert(session)(RollupDirty).values(rows).on_conflict_do_nothing())
+    hours: dict[tuple[str, datetime], dict[str, Any]] = {}
+    for event in events:
+        if isinstance(event, ReceiptEvent | FootfallEvent):
+            key = (event.store_id, _hour(event.occurred_at))
+            row = hours.setdefault(key, _empty_hour(*key))
+            if isinstance(event, ReceiptEvent):
+                row["sales"] += Decimal(event.total)
+                row["transactions" if event.kind == "sale" else "returns"] += 1
+            else:
+                row["visitors"] += event.count_in
+    if hours:
+        statement = _insert(session)(RollupStoreHour).values(list(hours.values()))  # one row per store-hour
+        table = RollupStoreHour.__table__
+        added = {
+            c: table.c[c] + getattr(statement.excluded, c) for c in ("sales", "transactions", "returns", "visitors")
+        }
+        session.execute(statement.on_conflict_do_update(index_elements=["store_id", "hour_start"], set_=added))
 
 
 def install() -> None:
@@ -143,6 +178,46 @@ def _sku_days(session: Session, stores: Sequence[Store], day: date) -> list[dict
     return out
 
 
+def _rewrite_hours(session: Session, stores: Sequence[Store], day: date) -> None:
+    """The day's hour rows of these stores, from the raw events (bulk loads bypass the ingest hook)."""
+    by_zone: dict[str, list[str]] = defaultdict(list)
+    for store in stores:
+        by_zone[store.timezone].append(store.store_id)
+    for zone_name, ids in by_zone.items():
+        start, end = business_window(day, ZoneInfo(zone_name))
+        hours: dict[tuple[str, datetime], dict[str, Any]] = {}
+        receipts = select(Receipt.store_id, Receipt.occurred_at, Receipt.kind, Receipt.total).where(
+            Receipt.store_id.in_(ids), Receipt.occurred_at >= start, Receipt.occurred_at < end
+        )
+        for store_id, at, kind, total in session.execute(receipts):
+            row = hours.setdefault((store_id, _hour(at)), _empty_hour(store_id, _hour(at)))
+            row["sales"] += Decimal(str(total))
+            row["transactions" if kind == "sale" else "returns"] += 1
+        footfall = select(Footfall.store_id, Footfall.occurred_at, Footfall.count_in).where(
+            Footfall.store_id.in_(ids), Footfall.occurred_at >= start, Footfall.occurred_at < end
+        )
+        for store_id, at, count in session.execute(footfall):
+            hours.setdefault((store_id, _hour(at)), _empty_hour(store_id, _hour(at)))["visitors"] += int(count or 0)
+        session.execute(
+            delete(RollupStoreHour).where(
+                RollupStoreHour.store_id.in_(ids), RollupStoreHour.hour_start >= start, RollupStoreHour.hour_start < end
+            )
+        )
+        if hours:
+            session.execute(_insert(session)(RollupStoreHour), list(hours.values()))
+
+
+def _empty_hour(store_id: str, hour: datetime) -> dict[str, Any]:
+    return {
+        "store_id": store_id,
+        "hour_start": hour,
+        "sales": Decimal(0),
+        "transactions": 0,
+        "returns": 0,
+        "visitors": 0,
+    }
+
+
 def _row(store_id: str, day: date, values: DayValues, now: datetime) -> dict[str, Any]:
     row: dict[str, Any] = {
         "store_id": store_id, "day": day, "sales": values.sales, "transactions": values.transactions,
@@ -176,6 +251,7 @@ def store(session: Session, pairs: Iterable[tuple[str, date]], now: datetime | N
         session.execute(
             delete(RollupStoreSkuDay).where(RollupStoreSkuDay.day == day, RollupStoreSkuDay.store_id.in_(ids))
         )
+        _rewrite_hours(session, [stores[i] for i in ids], day)
         sku_rows = _sku_days(session, [stores[i] for i in ids], day)
         if sku_rows:  # executemany: the driver batches, whatever the number of rows
             session.execute(insert(RollupStoreSkuDay), sku_rows)

@@ -31,6 +31,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TRUNCATE_ORDER = (
     "rollup_dirty",
     "rollup_store_day",
+    "rollup_store_hour",
     "rollup_store_sku_day",
     "promotion_audit",
     "promotion_sets",
@@ -110,6 +111,15 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'storepulse.db'}"
     upgrade(url)
     return url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ingest_hooks() -> None:
+    """Every StorePulse process that ingests installs these hooks (app, worker, demo); so do the tests."""
+    from store_rules import compliance, rollups
+
+    compliance.install()
+    rollups.install()
 
 
 def empty_tables(engine: Engine) -> None:

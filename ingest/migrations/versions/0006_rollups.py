@@ -1,4 +1,4 @@
-"""Rollups: per store and business day, per store × SKU × day, and the store-days to recompute.
+"""Rollups: per store and business day, per store and hour, per store × SKU × day, and the store-days to recompute.
 
 Revision ID: 0006
 Revises: 0005
@@ -40,6 +40,15 @@ def upgrade() -> None:
     )
     op.create_index("ix_rollup_store_day_day", "rollup_store_day", ["day"])
     op.create_table(
+        "rollup_store_hour",
+        sa.Column("store_id", sa.String(length=64), primary_key=True),
+        sa.Column("hour_start", TS, primary_key=True),
+        sa.Column("sales", MONEY, nullable=False),
+        sa.Column("transactions", sa.Integer(), nullable=False),
+        sa.Column("returns", sa.Integer(), nullable=False),
+        sa.Column("visitors", sa.Integer(), nullable=False),
+    )
+    op.create_table(
         "rollup_store_sku_day",
         sa.Column("store_id", sa.String(length=64), primary_key=True),
         sa.Column("day", sa.Date(), primary_key=True),
@@ -53,5 +62,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("rollup_store_sku_day")
+    op.drop_table("rollup_store_hour")
     op.drop_table("rollup_store_day")
     op.drop_table("rollup_dirty")
