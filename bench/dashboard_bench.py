@@ -86,7 +86,7 @@ LINES_SQL = """
 INSERT INTO receipt_lines (event_id, line_no, occurred_at, store_id, receipt_id, kind, sku, qty, unit_price, amount,
                            promotion_id)
 SELECT r.event_id, l, r.occurred_at, r.store_id, r.receipt_id, 'sale',
-       '69' || lpad((1 + (abs(hashtext(r.event_id)) + l * 37) % 400)::text, 11, '0'), 1, 12.50, 12.50, NULL
+       '69' || lpad((1 + (abs(hashtext(r.event_id)::bigint) + l * 37) % 400)::text, 11, '0'), 1, 12.50, 12.50, NULL
 FROM receipts r, generate_series(1, 4) l
 WHERE l <= r.line_count AND r.occurred_at >= :start AND r.occurred_at < :end
 """
@@ -95,12 +95,12 @@ INSERT INTO consultation_steps (event_id, occurred_at, store_id, terminal_id, co
                                 customer_name, step, status, skip_reason, data, received_at, raw)
 SELECT r.consultation_id || '-' || s.step, r.occurred_at - (6 - s.n) * interval '1 minute', r.store_id,
        r.terminal_id, r.consultation_id, r.staff_id, NULL, NULL, s.step,
-       CASE WHEN s.step = 'symptoms' AND abs(hashtext(r.event_id)) % 7 = 0 THEN 'skipped' ELSE 'done' END,
-       CASE WHEN s.step = 'symptoms' AND abs(hashtext(r.event_id)) % 7 = 0 THEN 'customer_refused' END,
+       CASE WHEN s.step = 'symptoms' AND abs(hashtext(r.event_id)::bigint) % 7 = 0 THEN 'skipped' ELSE 'done' END,
+       CASE WHEN s.step = 'symptoms' AND abs(hashtext(r.event_id)::bigint) % 7 = 0 THEN 'customer_refused' END,
        CASE s.step
          WHEN 'symptoms' THEN '{"text": "胸闷", "keywords": ["胸闷"]}'::jsonb
          WHEN 'recommendation' THEN '{"skus": ["6900000000010"]}'::jsonb
-         WHEN 'insurance_check' THEN CASE WHEN abs(hashtext(r.event_id)) % 4 = 0
+         WHEN 'insurance_check' THEN CASE WHEN abs(hashtext(r.event_id)::bigint) % 4 = 0
               THEN '{"result": "fail", "reason": "卡过期"}'::jsonb ELSE '{"result": "pass"}'::jsonb END
          WHEN 'guidance' THEN '{"text": "饭后服用"}'::jsonb
          ELSE '{}'::jsonb END,
