@@ -134,6 +134,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "status_resolved": {ZH: "已关闭", EN: "resolved"},
     "raised_at": {ZH: "触发时间", EN: "Raised"},
     "acknowledge": {ZH: "确认", EN: "Acknowledge"},
+    "handle": {ZH: "处理", EN: "Follow-up"},
     "resolve": {ZH: "关闭", EN: "Resolve"},
     "note": {ZH: "备注", EN: "Note"},
     "rule": {ZH: "规则", EN: "Rule"},

@@ -138,6 +138,7 @@ def test_a_supervisor_acknowledges_an_alert(browser: Any, server: LiveServer, pg
     row.locator("button", has_text="确认").click()
     page.wait_for_load_state("load")
     assert page.locator(f"#alert-{alert_id} .tag-acknowledged").count() == 1
+    assert page.locator(".chart svg").count() == 1  # the pass-rate trend, drawn from its table
     page.screenshot(path=str(SCREENSHOTS / "region.png"), full_page=True)
     page.goto(f"{server.url}/alerts/{alert_id}")
     assert "已联系店长复核" in page.content()

@@ -7,16 +7,23 @@
     if (typeof echarts === "undefined") { return; }
     var table = document.getElementById(box.getAttribute("data-chart-table"));
     if (!table) { return; }
-    var columns = (box.getAttribute("data-chart-columns") || "1").split(",").map(Number);
+    var heads0 = table.tHead.rows[0].cells;
+    var columns = box.getAttribute("data-chart-columns") === "all"
+      ? Array.prototype.slice.call(heads0, 1).map(function (_, i) { return i + 1; })
+      : (box.getAttribute("data-chart-columns") || "1").split(",").map(Number);
+    var oneAxis = box.getAttribute("data-chart-axis") === "one";
     var heads = table.tHead.rows[0].cells;
     var labels = [], series = columns.map(function (c) {
-      return { name: heads[c].textContent.trim(), type: "line", data: [], yAxisIndex: c === 1 ? 0 : 1, smooth: true };
+      return { name: heads[c].textContent.trim(), type: "line", data: [], yAxisIndex: oneAxis || c === 1 ? 0 : 1,
+               smooth: true, connectNulls: false };
     });
     Array.prototype.forEach.call(table.tBodies[0].rows, function (row) {
       labels.push(row.cells[0].textContent.trim().slice(5));
       columns.forEach(function (c, i) {
         var cell = row.cells[c];
-        series[i].data.push(Number(cell.getAttribute("data-value") || cell.textContent.replace(/[^0-9.\-]/g, "")));
+        var raw = cell.getAttribute("data-value");
+        if (raw === null) { raw = cell.textContent.replace(/[^0-9.\-]/g, ""); }
+        series[i].data.push(raw === "" ? null : Number(raw));
       });
     });
     var chart = echarts.init(box, null, { renderer: "svg" });
