@@ -46,6 +46,7 @@ from store_rules.counter import mask_name
 from store_rules.metrics import Ratio, prompt_answer_distribution, staff_compliance
 from store_rules.promotions import service as promotions
 from store_rules.promotions.templates import plain, stored_template
+from store_rules.rollups import store_day_values
 from store_rules.stock import stock_risks
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -107,18 +108,24 @@ def chain_period(request: Request, session: Session, page: PageSession) -> dict[
         days = int(request.query_params.get("days", "7"))
     except ValueError:
         days = 7
-    days = days if days in PERIODS else 7
+    period = days if days in PERIODS else 7
     sort = request.query_params.get("sort", "sales")
     ascending = request.query_params.get("ascending") == "true"
     last = morning_day(timezone)
-    first = last - timedelta(days=days - 1)
-    everything = store_ranking(session=session, first=first, last=last, timezone=timezone)
+    first = last - timedelta(days=period - 1)
+    # The rollups of the period are read once, for the ranking and for the trend.
+    stores = list(session.scalars(select(Store).where(Store.active.is_(True))))
+    days_in_period = [first + timedelta(days=n) for n in range(period)]
+    values = store_day_values(session=session, stores=stores, days=days_in_period)
+    everything = store_ranking(session=session, first=first, last=last, timezone=timezone, values=values)
     principal = page.principal
     mine = [r for r in everything if principal.sees_store(r.store.store_id, r.store.region_id)]
     store_ids = None if principal.chain_wide else [r.store.store_id for r in mine]
-    series = daily_series(session=session, first=first, last=last, timezone=timezone, store_ids=store_ids)
+    series = daily_series(
+        session=session, first=first, last=last, timezone=timezone, store_ids=store_ids, values=values
+    )
     return {
-        "period_days": days, "periods": PERIODS, "period_first": first, "period_last": last,
+        "period_days": period, "periods": PERIODS, "period_first": first, "period_last": last,
         "ranking": sort_ranking(mine, sort, not ascending), "sort": sort, "ascending": ascending,
         "sort_keys": SORT_KEYS, "ratio_keys": RATIO_KEYS, "names": NAMES,
         "regions_compared": by_region(everything), "series": series,

@@ -26,7 +26,7 @@ from ingest.models import Region, Store
 from store_rules.alerts.service import response_timeliness
 from store_rules.metrics import Ratio
 from store_rules.promotions.service import execution_by_store
-from store_rules.rollups import store_day_values
+from store_rules.rollups import DayValues, store_day_values
 
 FLOW_METRICS = ("step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
 RATIO_KEYS = ("conversion_rate", *FLOW_METRICS, "timeliness", "execution")
@@ -85,7 +85,13 @@ def span(first: date, last: date, tz: ZoneInfo) -> tuple[datetime, datetime]:
 
 
 def store_ranking(
-    *, session: Session, first: date, last: date, timezone: str, store_ids: list[str] | None = None
+    *,
+    session: Session,
+    first: date,
+    last: date,
+    timezone: str,
+    store_ids: list[str] | None = None,
+    values: dict[tuple[str, date], DayValues] | None = None,
 ) -> list[StoreRank]:
     """Every active store (or the given ones) over the business days [first, last], in store order."""
     tz = ZoneInfo(timezone)
@@ -102,13 +108,17 @@ def store_ranking(
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     # Closed days come from the rollups (a dirty or missing one is computed on the fly).
-    for (store_id, _day), values in store_day_values(session=session, stores=stores, days=days).items():
+    if values is None:
+        values = store_day_values(session=session, stores=stores, days=days)
+    for (store_id, _day), day_values in values.items():
+        if store_id not in ranks:
+            continue
         rank = ranks[store_id]
-        rank.sales += values.sales
-        rank.transactions += values.transactions
-        rank.visitors += values.visitors
+        rank.sales += day_values.sales
+        rank.transactions += day_values.transactions
+        rank.visitors += day_values.visitors
         for key in ("conversion_rate", *FLOW_METRICS):
-            ratio = values.ratios.get(key, Ratio(0, 0))
+            ratio = day_values.ratios.get(key, Ratio(0, 0))
             sums[(store_id, key)][0] += ratio.numerator
             sums[(store_id, key)][1] += ratio.denominator
     timeliness = response_timeliness(session=session, since=start, until=end).by_store
@@ -253,7 +263,13 @@ class DayPoint:
 
 
 def daily_series(
-    *, session: Session, first: date, last: date, timezone: str, store_ids: list[str] | None = None
+    *,
+    session: Session,
+    first: date,
+    last: date,
+    timezone: str,
+    store_ids: list[str] | None = None,
+    values: dict[tuple[str, date], DayValues] | None = None,
 ) -> list[DayPoint]:
     """Sales, transactions and visitors of the given stores (or all) per business day, from the rollups."""
     query = select(Store).where(Store.active.is_(True))
@@ -262,9 +278,14 @@ def daily_series(
     stores = list(session.scalars(query))
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     points = {day: DayPoint(day) for day in days}
-    for (_store_id, day), values in store_day_values(session=session, stores=stores, days=days).items():
+    wanted = {s.store_id for s in stores}
+    if values is None:
+        values = store_day_values(session=session, stores=stores, days=days)
+    for (store_id, day), day_values in values.items():
+        if store_id not in wanted or day not in points:
+            continue
         point = points[day]
-        point.sales += values.sales
-        point.transactions += values.transactions
-        point.visitors += values.visitors
+        point.sales += day_values.sales
+        point.transactions += day_values.transactions
+        point.visitors += day_values.visitors
     return [points[d] for d in days]

@@ -306,18 +306,20 @@ def store_day_values(
     if not ids or not days:
         return {}
     out: dict[tuple[str, date], DayValues] = {}
-    rows = session.scalars(
-        select(RollupStoreDay).where(
-            RollupStoreDay.store_id.in_(ids), RollupStoreDay.day >= min(days), RollupStoreDay.day <= max(days)
-        )
-    )
+    # Plain column tuples, not ORM objects: a 90-day chain view reads 18,000 of these rows.
+    ratio_columns = [getattr(RollupStoreDay, f"{n}_{part}") for n in RATIOS for part in ("num", "den")]
+    rows = session.execute(
+        select(
+            RollupStoreDay.store_id, RollupStoreDay.day, RollupStoreDay.sales, RollupStoreDay.transactions,
+            RollupStoreDay.returns, RollupStoreDay.visitors, *ratio_columns,
+        ).where(RollupStoreDay.store_id.in_(ids), RollupStoreDay.day >= min(days), RollupStoreDay.day <= max(days))
+    )  # fmt: skip
     wanted = set(days)
-    for row in rows:
-        if row.day in wanted:
-            out[(row.store_id, row.day)] = DayValues(
-                sales=Decimal(str(row.sales)), transactions=row.transactions, returns=row.returns,
-                visitors=row.visitors,
-                ratios={n: Ratio(getattr(row, f"{n}_num"), getattr(row, f"{n}_den")) for n in RATIOS},
+    for store_id, day, sales, transactions, returns, visitors, *ratio_values in rows:
+        if day in wanted:
+            out[(store_id, day)] = DayValues(
+                sales=Decimal(str(sales)), transactions=transactions, returns=returns, visitors=visitors,
+                ratios={n: Ratio(ratio_values[2 * i], ratio_values[2 * i + 1]) for i, n in enumerate(RATIOS)},
             )  # fmt: skip
     dirty = session.execute(
         select(RollupDirty.store_id, RollupDirty.day).where(
@@ -326,7 +328,8 @@ def store_day_values(
     ).all()
     stale = {(s, d) for s, d in dirty} | {(s, d) for s in ids for d in days if (s, d) not in out}
     if stale:
-        fresh_stores = [s for s in stores if any(p[0] == s.store_id for p in stale)]
+        stale_ids = {store_id for store_id, _ in stale}
+        fresh_stores = [s for s in stores if s.store_id in stale_ids]
         fresh_days = sorted({d for _, d in stale})
         computed = compute(session, fresh_stores, fresh_days)
         for key in stale:
