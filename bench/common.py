@@ -45,6 +45,11 @@ def load_small_chain(engine: Engine) -> None:
     _conftest.load_small_chain(engine)
 
 
+def sign_in(base_url: str, user_id: str, password: str) -> Any:
+    """An httpx.Client signed in through the real login form (the test suite's helper)."""
+    return _conftest.sign_in(base_url, user_id, password, timeout=120)
+
+
 def free_port() -> int:
     return int(_conftest.free_port())
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -27,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 from sqlalchemy import text
 
 from bench.common import (
@@ -38,6 +36,7 @@ from bench.common import (
     print_facts,
     print_table,
     scratch_timescale,
+    sign_in,
 )
 from bench.pos_bench import server
 from ingest.db import get_engine, session_scope
@@ -175,16 +174,6 @@ def generate(url: str, stores: int, days: int, per_day: int) -> dict[str, float]
     return timings
 
 
-def sign_in(base_url: str, user_id: str) -> httpx.Client:
-    client = httpx.Client(base_url=base_url, timeout=120)
-    form = client.get("/login").text
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form)
-    assert token is not None
-    response = client.post("/login", data={"user_id": user_id, "password": PASSWORD, "csrf_token": token.group(1)})
-    assert response.status_code == 303, response.text[:300]
-    return client
-
-
 def run(args: argparse.Namespace, stack: ExitStack) -> int:
     url = stack.enter_context(scratch_timescale())
     engine = get_engine(url)
@@ -199,7 +188,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     port = free_port()
     api = stack.enter_context(server(url, port, workdir / "server.log"))
     base = f"http://127.0.0.1:{port}"
-    hq, manager = sign_in(base, "hq"), sign_in(base, "mgr")
+    hq, manager = sign_in(base, "hq", PASSWORD), sign_in(base, "mgr", PASSWORD)
     stack.callback(hq.close)
     stack.callback(manager.close)
     pages = {

@@ -40,9 +40,10 @@ from dashboard.rankings import (
 )
 from dashboard.store_today import chain_today, store_today
 from ingest.db import session_scope
-from ingest.models import Sku, Staff, Store
+from ingest.models import Staff, Store
 from ingest.users import PageSession, Principal
 from store_rules.counter import mask_name
+from store_rules.definitions import cached_skus
 from store_rules.metrics import Ratio, prompt_answer_distribution, staff_compliance
 from store_rules.promotions import service as promotions
 from store_rules.promotions.templates import plain, stored_template
@@ -203,11 +204,13 @@ def store_panels(session: Session, store: Store, principal: Principal) -> dict[s
     staff_names = dict(
         session.execute(select(Staff.staff_id, Staff.name).where(Staff.store_id == store.store_id)).all()
     )
+    prompt_answers = prompt_answer_distribution(session=session, store_id=store.store_id, day=today).prompts
     return {
         "staff_compliance": staff_compliance(session=session, store_id=store.store_id, day=today),
         "staff_names": staff_names,
-        "prompt_answers": prompt_answer_distribution(session=session, store_id=store.store_id, day=today).prompts,
-        "sku_names": {s.sku: s for s in session.scalars(select(Sku))},
+        "prompt_answers": prompt_answers,
+        # Only the answered SKUs, from the counter's per-process SKU cache (not the whole catalogue).
+        "sku_names": cached_skus(session, {d.sku for d in prompt_answers}),
         "may_decide": principal.chain_wide or (principal.role == "manager" and principal.store_id == store.store_id),
         "pending": pending,
         "active": active,

@@ -292,7 +292,7 @@ def sign_in(base_url: str, user_id: str, password: str, **client_options: Any) -
 
     import httpx
 
-    client = httpx.Client(base_url=base_url, timeout=30, **client_options)
+    client = httpx.Client(base_url=base_url, **{"timeout": 30, **client_options})
     form = client.get("/login")
     match = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
     assert match, form.text[:500]
