@@ -6,7 +6,7 @@ column in every unique index, and the pair makes a redelivered event a no-op.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -65,6 +65,8 @@ class Sensor(Base):
     sensor_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(100))
     location: Mapped[str | None] = mapped_column(String(100))
+    # When the counter was registered: a counter that never reported is judged from here, after a grace period.
+    registered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
 
 
 class Sku(Base):
@@ -310,6 +312,8 @@ class RollupDirty(Base):
     store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     marked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Bumped by every mark; a refresh clears a mark only if nobody marked it again meanwhile.
+    generation: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
 
 
 class RollupStoreDay(Base):
@@ -333,6 +337,8 @@ class RollupStoreDay(Base):
     traceability_num: Mapped[int] = mapped_column(Integer)
     traceability_den: Mapped[int] = mapped_column(Integer)
     computed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Set when a closed day's figures changed after they were first rolled up (late data).
+    revised_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     __table_args__ = (Index("ix_rollup_store_day_day", "day"),)
 
 
@@ -372,6 +378,10 @@ class DeadLetter(Base):
     payload_sha256: Mapped[str] = mapped_column(String(64))
     event_id: Mapped[str | None] = mapped_column(String(200))
     store_id: Mapped[str | None] = mapped_column(String(200))
+    # A replay keeps the dead letter and records its outcome: accepted, duplicate or rejected (note: why).
+    replayed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    replay_status: Mapped[str | None] = mapped_column(String(20))
+    replay_note: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (UniqueConstraint("source", "payload_sha256", name="uq_dead_letters_source_payload"),)
 
 
