@@ -17,7 +17,6 @@ from adapters.publish import publisher_for
 from dashboard import alerts, api, auth, other_pages, pages, pos, promotions, region, reports
 from ingest.db import get_engine
 from ingest.settings import Settings, get_settings
-from store_rules import compliance, rollups
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -46,8 +45,6 @@ async def _to_login(_request: Request, exc: auth.LoginRequired) -> Response:
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.require_safe_for_serving()
-    compliance.install()
-    rollups.install()
     app = FastAPI(
         title="StorePulse",
         version="1.0",

@@ -24,6 +24,10 @@ def normalise_url(url: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's legacy transaction handling begins a transaction only before DML and commits at
+    # the first RELEASE SAVEPOINT, so a batch's events would commit before their hooks and dead
+    # letters ran. SQLAlchemy's documented recipe: pysqlite emits no BEGIN of its own ...
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets the dashboard read while the simulator and HTTP ingest write.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -31,6 +35,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # ... and SQLAlchemy's BEGIN opens every transaction. IMMEDIATE takes the write lock at once
+    # (waiting up to busy_timeout): a deferred transaction that reads and then writes fails with
+    # SQLITE_BUSY, without waiting, when another connection committed in between.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 @lru_cache(maxsize=8)
@@ -42,6 +53,7 @@ def get_engine(url: str | None = None) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     settings = get_settings()
     # No pre-ping: it costs a round trip per checkout. A connection the server dropped fails one

@@ -1,27 +1,42 @@
-"""Hooks run on newly accepted events, inside the transaction that stores them.
+"""What the ingest service does with newly accepted events, inside the transaction that stores them.
 
-The event store knows nothing of rules; the rule side (store_rules) installs hooks here so
-that every ingest path (HTTP, MQTT worker, simulator, importers) triggers the same checks.
+The rule side keeps the rollups and the counter-flow compliance up to date from each accepted
+batch. These handlers are part of the ingest service itself: every path that stores events (HTTP,
+MQTT worker, simulator, importers, gateway, dead-letter replay) runs them through
+`ingest.service.ingest_inbound`, with nothing to install and nothing to forget. The event store
+names them instead of importing them at module level, because the rule side builds on the event
+store (its POS path stores steps through the ingest service).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from functools import cache
 
 from sqlalchemy.orm import Session
 
 from ingest.contract import Event
 
-AcceptedEventsHook = Callable[[Session, Sequence[Event]], None]
-_hooks: dict[str, AcceptedEventsHook] = {}
+AcceptedEventsHandler = Callable[[Session, Sequence[Event]], None]
+
+# Run in this order, in the accepting transaction: a failure rolls the whole batch back.
+ACCEPTED_EVENT_HANDLERS: tuple[str, ...] = (
+    "store_rules.rollups:mark_dirty",
+    "store_rules.compliance:check_accepted_events",
+)
 
 
-def register_accepted_hook(name: str, hook: AcceptedEventsHook) -> None:
-    """Install (or replace) a hook by name, so installing twice is harmless."""
-    _hooks[name] = hook
+@cache
+def accepted_event_handlers() -> tuple[AcceptedEventsHandler, ...]:
+    handlers = []
+    for reference in ACCEPTED_EVENT_HANDLERS:
+        module_name, _, function_name = reference.partition(":")
+        handlers.append(getattr(importlib.import_module(module_name), function_name))
+    return tuple(handlers)
 
 
 def run_accepted_hooks(session: Session, events: Sequence[Event]) -> None:
     if events:
-        for hook in _hooks.values():
-            hook(session, events)
+        for handler in accepted_event_handlers():
+            handler(session, events)

@@ -34,7 +34,7 @@ from ingest.settings import get_settings
 from ingest.tokens import create_token
 from seeds.pos_till import PosError, PosTill
 from seeds.simulator import DEMO_CHAIN_DIR, SEED, Chain, HistoryReport, LiveFeed, load_chain, load_history
-from store_rules import compliance, rollups
+from store_rules import rollups
 from store_rules.definitions import CONFIG_DIR, load_config_dir
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,6 @@ def prepare(
         )
         + f" (from {CONFIG_DIR})"
     )
-    compliance.install()  # history goes through the same ingest hooks as the tills' events
-    rollups.install()
     echo(f"simulating {days} days of history and today so far for {len(chain.stores)} stores ...")
     history = load_history(engine, chain, days=days, now=now)
     echo(

@@ -25,14 +25,14 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import ColumnElement, and_, case, delete, false, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from ingest.contract import Event, FootfallEvent, ReceiptEvent
-from ingest.hooks import register_accepted_hook
+from ingest.contract import ConsultationStepEvent, Event, FootfallEvent, ReceiptEvent
 from ingest.models import (
+    ConsultationStep,
     Footfall,
     Receipt,
     ReceiptLine,
@@ -43,7 +43,7 @@ from ingest.models import (
     Store,
 )
 from ingest.timeseries import business_window
-from store_rules.metrics import Ratio, store_days
+from store_rules.metrics import REACH, Ratio, store_days
 
 log = logging.getLogger(__name__)
 RATIOS = ("conversion_rate", "step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
@@ -60,6 +60,13 @@ class DayValues:
     returns: int = 0
     visitors: int = 0
     ratios: dict[str, Ratio] = field(default_factory=dict)
+    # When a closed day's figures last changed after they were first rolled up (late data), else None.
+    revised_at: datetime | None = None
+
+    def figures(self) -> tuple[Any, ...]:
+        """Everything a page shows of the day, to tell whether a recomputation changed it."""
+        ratios = tuple((n, self.ratios[n].numerator, self.ratios[n].denominator) for n in sorted(self.ratios))
+        return (self.sales, self.transactions, self.returns, self.visitors, ratios)
 
 
 def _insert(session: Session) -> Any:
@@ -83,13 +90,27 @@ def _hour(at: datetime) -> datetime:
 
 
 def mark_dirty(session: Session, events: Sequence[Event]) -> None:
-    """The ingest hook: mark each event's store-day dirty and add receipts and visitors to their hour."""
+    """The ingest hook: mark the store-days each event changes and add receipts and visitors to their hour.
+
+    A consultation step also changes the days of its consultation's earlier steps and of the
+    receipts that name it (a step or an insurance correction after midnight changes yesterday's
+    ratios), so those days are marked too.
+    """
     pairs = {(e.store_id, e.occurred_at.astimezone(_zone_of(session, e.store_id)).date()) for e in events}
+    pairs |= _consultation_days(session, [e for e in events if isinstance(e, ConsultationStepEvent)])
     if not pairs:
         return
     now = datetime.now(UTC)
-    rows = [{"store_id": s, "day": d, "marked_at": now} for s, d in sorted(pairs)]
-    session.execute(_insert(session)(RollupDirty).values(rows).on_conflict_do_nothing())
+    rows = [{"store_id": s, "day": d, "marked_at": now, "generation": 1} for s, d in sorted(pairs)]
+    statement = _insert(session)(RollupDirty).values(rows)
+    # Marking again bumps the generation: a refresh that read the old generation then leaves the
+    # mark in place, so an event committed while it was computing is rolled up by the next one.
+    # marked_at stays the first mark's time, so refresh keeps working oldest-first.
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["store_id", "day"], set_={"generation": RollupDirty.__table__.c.generation + 1}
+        )
+    )
     hours: dict[tuple[str, datetime], dict[str, Any]] = {}
     for event in events:
         if isinstance(event, ReceiptEvent | FootfallEvent):
@@ -109,8 +130,41 @@ def mark_dirty(session: Session, events: Sequence[Event]) -> None:
         session.execute(statement.on_conflict_do_update(index_elements=["store_id", "hour_start"], set_=added))
 
 
-def install() -> None:
-    register_accepted_hook("rollups", mark_dirty)
+def _consultation_days(session: Session, steps: Sequence[ConsultationStepEvent]) -> set[tuple[str, date]]:
+    """Store-days whose ratios these steps change: days of the same consultations' other steps and receipts.
+
+    Looked up within the metrics' reach around the steps (the metrics read no further), which also
+    keeps a consultation id reused weeks later apart from the old one.
+    """
+    if not steps:
+        return set()
+    times: dict[tuple[str, str], list[datetime]] = defaultdict(list)
+    for e in steps:
+        times[(e.store_id, e.consultation_id)].append(e.occurred_at)
+    keys = set(times)
+    start = min(e.occurred_at for e in steps) - REACH
+    end = max(e.occurred_at for e in steps) + REACH
+    store_ids = sorted({store_id for store_id, _ in keys})
+    consultation_ids = sorted({consultation_id for _, consultation_id in keys})
+    found: set[tuple[str, datetime]] = set()
+    for table in (ConsultationStep, Receipt):
+        rows = session.execute(
+            select(table.store_id, table.consultation_id, table.occurred_at)
+            .where(
+                table.store_id.in_(store_ids),
+                table.consultation_id.in_(consultation_ids),
+                table.occurred_at >= start,
+                table.occurred_at <= end,
+            )
+            .distinct()
+        )
+        found.update(
+            (store_id, at)
+            for store_id, consultation_id, at in rows
+            if consultation_id is not None
+            and any(abs(at - t) <= REACH for t in times.get((store_id, consultation_id), ()))
+        )
+    return {(store_id, at.astimezone(_zone_of(session, store_id)).date()) for store_id, at in found}
 
 
 # --- computing -------------------------------------------------------------------------------
@@ -221,7 +275,7 @@ def _empty_hour(store_id: str, hour: datetime) -> dict[str, Any]:
 def _row(store_id: str, day: date, values: DayValues, now: datetime) -> dict[str, Any]:
     row: dict[str, Any] = {
         "store_id": store_id, "day": day, "sales": values.sales, "transactions": values.transactions,
-        "returns": values.returns, "visitors": values.visitors, "computed_at": now,
+        "returns": values.returns, "visitors": values.visitors, "computed_at": now, "revised_at": values.revised_at,
     }  # fmt: skip
     for name in RATIOS:
         ratio = values.ratios.get(name, Ratio(0, 0))
@@ -230,7 +284,11 @@ def _row(store_id: str, day: date, values: DayValues, now: datetime) -> dict[str
 
 
 def store(session: Session, pairs: Iterable[tuple[str, date]], now: datetime | None = None) -> int:
-    """Recompute and upsert the rollups of these store-days (and their SKU rows)."""
+    """Recompute and upsert the rollups of these store-days (and their SKU rows).
+
+    A store-day that had a rollup whose figures now differ is stamped revised (late data changed a
+    closed day after it was first shown); an unchanged one keeps its stamp.
+    """
     now = now or datetime.now(UTC)
     wanted = sorted(set(pairs))
     if not wanted:
@@ -244,7 +302,13 @@ def store(session: Session, pairs: Iterable[tuple[str, date]], now: datetime | N
     written = 0
     for day, ids in sorted(by_day.items()):
         values = compute(session, [stores[i] for i in ids], [day])
-        rows = [_row(i, day, values[(i, day)], now) for i in ids]
+        before = _rolled_up(session, ids, [day])
+        rows = []
+        for store_id in ids:
+            fresh, old = values[(store_id, day)], before.get((store_id, day))
+            if old is not None:
+                fresh.revised_at = old.revised_at if old.figures() == fresh.figures() else now
+            rows.append(_row(store_id, day, fresh, now))
         statement = insert(RollupStoreDay).values(rows)
         updates = {c: getattr(statement.excluded, c) for c in rows[0] if c not in ("store_id", "day")}
         session.execute(statement.on_conflict_do_update(index_elements=["store_id", "day"], set_=updates))
@@ -259,27 +323,38 @@ def store(session: Session, pairs: Iterable[tuple[str, date]], now: datetime | N
     return written
 
 
-def refresh(*, session: Session, limit: int = BATCH, now: datetime | None = None) -> int:
-    """Recompute up to `limit` dirty store-days (oldest marks first) and clear their marks.
+def _closed_days(session: Session, now: datetime) -> ColumnElement[bool]:
+    """Dirty marks of days that have ended in their store's time zone (one condition per zone)."""
+    zones = sorted(set(session.scalars(select(Store.timezone).distinct())))
+    return or_(
+        false(),
+        *(and_(Store.timezone == zone, RollupDirty.day < now.astimezone(ZoneInfo(zone)).date()) for zone in zones),
+    )
 
-    Today's store-days stay marked: they change all day, and readers compute today raw anyway.
-    A mark set again while recomputing survives (only marks not newer than the run are cleared).
+
+def refresh(*, session: Session, limit: int = BATCH, now: datetime | None = None) -> int:
+    """Recompute up to `limit` dirty closed store-days (oldest marks first) and clear their marks.
+
+    Today's store-days stay marked and are not even read: they change all day, readers compute
+    today raw anyway, and with more stores than `limit` they would crowd out the past days.
+    A mark set again while recomputing survives: its generation moved on, and only the
+    generation read here is cleared.
     """
     now = now or datetime.now(UTC)
-    candidates = session.execute(
-        select(RollupDirty.store_id, RollupDirty.day, RollupDirty.marked_at)
-        .where(RollupDirty.day <= now.date())
-        .order_by(RollupDirty.marked_at)
+    marks = session.execute(
+        select(RollupDirty.store_id, RollupDirty.day, RollupDirty.generation)
+        .join(Store, Store.store_id == RollupDirty.store_id)
+        .where(_closed_days(session, now))
+        .order_by(RollupDirty.marked_at, RollupDirty.store_id, RollupDirty.day)
         .limit(limit)
     ).all()
-    marks = [m for m in candidates if m.day < now.astimezone(_zone_of(session, m.store_id)).date()]
     if not marks:
         return 0
     written = store(session, [(s, d) for s, d, _ in marks], now)
-    for store_id, day, marked_at in marks:
+    for store_id, day, generation in marks:
         session.execute(
             delete(RollupDirty).where(
-                RollupDirty.store_id == store_id, RollupDirty.day == day, RollupDirty.marked_at <= marked_at
+                RollupDirty.store_id == store_id, RollupDirty.day == day, RollupDirty.generation == generation
             )
         )
     return written
@@ -298,35 +373,50 @@ def rebuild(*, session: Session, first: date, last: date, store_ids: Iterable[st
 # --- reading ---------------------------------------------------------------------------------
 
 
-def store_day_values(
-    *, session: Session, stores: Sequence[Store], days: Sequence[date]
-) -> dict[tuple[str, date], DayValues]:
-    """(store, day) → its values: the rollup when it is clean, else computed from the raw events."""
-    ids = [s.store_id for s in stores]
-    if not ids or not days:
-        return {}
+def _rolled_up(session: Session, ids: Sequence[str], days: Sequence[date]) -> dict[tuple[str, date], DayValues]:
+    """The stored rollups of these stores and days (whether clean or not)."""
     out: dict[tuple[str, date], DayValues] = {}
+    if not ids or not days:
+        return out
     # Plain column tuples, not ORM objects: a 90-day chain view reads 18,000 of these rows.
     ratio_columns = [getattr(RollupStoreDay, f"{n}_{part}") for n in RATIOS for part in ("num", "den")]
     rows = session.execute(
         select(
             RollupStoreDay.store_id, RollupStoreDay.day, RollupStoreDay.sales, RollupStoreDay.transactions,
-            RollupStoreDay.returns, RollupStoreDay.visitors, *ratio_columns,
+            RollupStoreDay.returns, RollupStoreDay.visitors, RollupStoreDay.revised_at, *ratio_columns,
         ).where(RollupStoreDay.store_id.in_(ids), RollupStoreDay.day >= min(days), RollupStoreDay.day <= max(days))
     )  # fmt: skip
     wanted = set(days)
-    for store_id, day, sales, transactions, returns, visitors, *ratio_values in rows:
+    for store_id, day, sales, transactions, returns, visitors, revised_at, *ratio_values in rows:
         if day in wanted:
             out[(store_id, day)] = DayValues(
-                sales=Decimal(str(sales)), transactions=transactions, returns=returns, visitors=visitors,
+                sales=Decimal(str(sales)).quantize(Decimal("0.01")), transactions=transactions, returns=returns,
+                visitors=visitors, revised_at=revised_at,
                 ratios={n: Ratio(ratio_values[2 * i], ratio_values[2 * i + 1]) for i, n in enumerate(RATIOS)},
             )  # fmt: skip
-    dirty = session.execute(
-        select(RollupDirty.store_id, RollupDirty.day).where(
-            RollupDirty.store_id.in_(ids), RollupDirty.day >= min(days), RollupDirty.day <= max(days)
+    return out
+
+
+def store_day_values(
+    *, session: Session, stores: Sequence[Store], days: Sequence[date]
+) -> dict[tuple[str, date], DayValues]:
+    """(store, day) → its values: the rollup when it is clean, else computed from the raw events.
+
+    A dirty day whose fresh figures differ from its rollup reads as revised since its mark.
+    """
+    ids = [s.store_id for s in stores]
+    if not ids or not days:
+        return {}
+    out = _rolled_up(session, ids, days)
+    dirty = {
+        (s, d): marked_at
+        for s, d, marked_at in session.execute(
+            select(RollupDirty.store_id, RollupDirty.day, RollupDirty.marked_at).where(
+                RollupDirty.store_id.in_(ids), RollupDirty.day >= min(days), RollupDirty.day <= max(days)
+            )
         )
-    ).all()
-    stale = {(s, d) for s, d in dirty} | {(s, d) for s in ids for d in days if (s, d) not in out}
+    }
+    stale = {key for key in dirty if key[1] in set(days)} | {(s, d) for s in ids for d in days if (s, d) not in out}
     if stale:
         stale_ids = {store_id for store_id, _ in stale}
         fresh_stores = [s for s in stores if s.store_id in stale_ids]
@@ -334,7 +424,11 @@ def store_day_values(
         computed = compute(session, fresh_stores, fresh_days)
         for key in stale:
             if key in computed:
-                out[key] = computed[key]
+                fresh, old = computed[key], out.get(key)
+                if old is not None:
+                    changed = old.figures() != fresh.figures()
+                    fresh.revised_at = dirty.get(key, old.revised_at) if changed else old.revised_at
+                out[key] = fresh
     return out
 
 

@@ -113,15 +113,6 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ingest_hooks() -> None:
-    """Every StorePulse process that ingests installs these hooks (app, worker, demo); so do the tests."""
-    from store_rules import compliance, rollups
-
-    compliance.install()
-    rollups.install()
-
-
 def empty_tables(engine: Engine) -> None:
     from store_rules.definitions import forget_active_definitions
     from store_rules.promotions.service import forget_cached_sets

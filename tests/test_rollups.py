@@ -22,7 +22,6 @@ def dirty(engine: Engine) -> set[tuple[str, object]]:
 
 
 def test_ingest_marks_refresh_recomputes_and_readers_never_see_a_stale_day(chain: Engine) -> None:
-    rollups.install()
     ingest(chain, insurance_day(D3, 7, 3) + [sale(f"R{n}", local(D3, 10, n), amount="12.00") for n in range(4)])
     ingest(chain, [footfall(1, local(D3, 10), 25)])
     assert dirty(chain) == {("S001", D3)}
@@ -55,7 +54,6 @@ def test_ingest_marks_refresh_recomputes_and_readers_never_see_a_stale_day(chain
 
 
 def test_today_stays_marked_and_rebuild_fills_quiet_days(chain: Engine) -> None:
-    rollups.install()
     now = datetime.now(UTC)
     today = now.astimezone(SHANGHAI).date()
     ingest(chain, [sale("NOW", now - timedelta(minutes=5))])
