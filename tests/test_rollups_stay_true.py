@@ -15,7 +15,7 @@ from ingest.models import DeadLetter, Receipt, RollupDirty, RollupStoreDay, Roll
 from ingest.service import ingest_payloads
 from store_rules import rollups
 from store_rules.metrics import insurance_pass_rate
-from tests.test_metrics import DAY, NEXT, flow_events, ingest, local, sale, step_event
+from tests.test_metrics import DAY, NEXT, SHANGHAI, flow_events, ingest, local, sale, step_event
 
 
 def dirty(engine: Engine) -> set[tuple[str, date]]:
@@ -141,8 +141,8 @@ def test_a_consultation_id_reused_weeks_later_marks_only_its_own_days(chain: Eng
 
 def test_past_days_do_not_starve_behind_more_than_a_batch_of_open_days(chain: Engine) -> None:
     """A refresh batch of 2 with 3 stores marked today (older marks) and one closed day marked later."""
-    now = datetime.now(UTC)
-    today = now.astimezone(local(DAY, 0).tzinfo).date()  # type: ignore[arg-type]
+    now = AFTER
+    today = now.astimezone(SHANGHAI).date()
     ingest(
         chain, [sale(f"T{n}", now - timedelta(minutes=1), store_id=s) for n, s in enumerate(("S001", "S002", "S003"))]
     )
