@@ -4,6 +4,10 @@ Runs as an ingest hook inside the transaction that stores the events, so tills t
 over MQTT without the POS API still produce a violation record (store, staff, receipt,
 missing steps). Steps that arrive later re-check the open violations of their consultation
 and resolve them when the flow is complete; out-of-order steps stay flagged.
+
+Tills reuse consultation ids, so a sale and a step belong together only within
+CONSULTATION_WINDOW of each other, the same window the till's checkout gate uses. Every
+lookup is bounded by it, which also lets TimescaleDB exclude all other chunks.
 """
 
 from __future__ import annotations
@@ -17,13 +21,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ingest.contract import ConsultationStepEvent, Event, ReceiptEvent
-from ingest.hooks import register_accepted_hook
-from store_rules.counter import step_records
+from store_rules.counter import steps_around
 from store_rules.definitions import active_flow, flow_controlled_skus
-from store_rules.flow import Consultation
+from store_rules.flow import CONSULTATION_WINDOW, Consultation, consultation_window
 from store_rules.models import ComplianceViolation
-
-HOOK_NAME = "store_rules.compliance"
 
 
 def check_accepted_events(session: Session, events: Sequence[Event]) -> None:
@@ -46,12 +47,13 @@ def record_violations(session: Session, sales: Sequence[ReceiptEvent]) -> int:
         return 0
     rows = []
     now = datetime.now(UTC)
-    records = step_records(
-        session, [(sale.store_id, sale.consultation_id) for sale, _ in flagged if sale.consultation_id]
+    records = steps_around(
+        session,
+        [(sale.store_id, sale.consultation_id, sale.occurred_at) for sale, _ in flagged if sale.consultation_id],
     )
     for sale, skus in flagged:
         consultation = (
-            Consultation.of(flow, records.get((sale.store_id, sale.consultation_id), []))
+            Consultation.of(flow, records[(sale.store_id, sale.consultation_id, sale.occurred_at)])
             if sale.consultation_id
             else None
         )
@@ -72,23 +74,32 @@ def record_violations(session: Session, sales: Sequence[ReceiptEvent]) -> int:
 
 
 def recheck_open_violations(session: Session, steps: Sequence[ConsultationStepEvent]) -> int:
-    keys = {(s.store_id, s.consultation_id) for s in steps}
-    open_rows = session.scalars(
+    times: dict[tuple[str, str], list[datetime]] = {}
+    for step in steps:
+        times.setdefault((step.store_id, step.consultation_id), []).append(step.occurred_at)
+    candidates = session.scalars(
         select(ComplianceViolation).where(
             ComplianceViolation.resolved_at.is_(None),
-            ComplianceViolation.consultation_id.in_({cid for _, cid in keys}),
+            ComplianceViolation.consultation_id.in_({cid for _, cid in times}),
+            ComplianceViolation.occurred_at >= min(s.occurred_at for s in steps) - CONSULTATION_WINDOW,
+            ComplianceViolation.occurred_at <= max(s.occurred_at for s in steps) + CONSULTATION_WINDOW,
         )
     ).all()
-    open_rows = [v for v in open_rows if (v.store_id, v.consultation_id) in keys]
+    # Only a step within the window of the sale is a step of that sale's consultation.
+    open_rows = [
+        v for v in candidates
+        if any(_within(at, v.occurred_at) for at in times.get((v.store_id, v.consultation_id or ""), []))
+    ]  # fmt: skip
     if not open_rows:
         return 0
     flow = active_flow(session=session)
-    records = step_records(session, [(v.store_id, v.consultation_id or "") for v in open_rows])
+    records = steps_around(session, [(v.store_id, v.consultation_id or "", v.occurred_at) for v in open_rows])
     now = datetime.now(UTC)
     resolved = 0
     for violation in open_rows:
-        key = (violation.store_id, violation.consultation_id or "")
-        consultation = Consultation.of(flow, records.get(key, []))
+        consultation = Consultation.of(
+            flow, records[(violation.store_id, violation.consultation_id or "", violation.occurred_at)]
+        )
         violation.out_of_order = consultation.out_of_order
         if consultation.complete:
             # The original missing steps stay on record: the sale did go through without them.
@@ -97,6 +108,6 @@ def recheck_open_violations(session: Session, steps: Sequence[ConsultationStepEv
     return resolved
 
 
-def install() -> None:
-    """Make every ingest path run the compliance check (idempotent)."""
-    register_accepted_hook(HOOK_NAME, check_accepted_events)
+def _within(at: datetime, sale_at: datetime) -> bool:
+    first, last = consultation_window(sale_at)
+    return first <= at <= last

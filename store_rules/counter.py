@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -27,7 +27,7 @@ from store_rules.definitions import (
     flow_controlled_skus,
     skus_by_code,
 )
-from store_rules.flow import Consultation, StepRecord, StepRefused
+from store_rules.flow import CONSULTATION_WINDOW, Consultation, StepRecord, StepRefused, consultation_window
 from store_rules.models import ComplianceViolation
 from store_rules.promotions.service import active_for_sku
 
@@ -52,16 +52,17 @@ def mask_name(name: str | None) -> str | None:
     return name[0] + "*" * (len(name) - 2) + name[-1]
 
 
-# How far back the till's lookups reach: a consultation runs minutes, a receipt stays open
-# minutes. Bounding the lookups in time lets TimescaleDB skip every older daily chunk, so
-# the POS API stays as fast with a year of history as with a week.
-POS_LOOKBACK = timedelta(days=2)
+# (store_id, consultation_id, the time the consultation is seen at: a sale's time or the till's now)
+AnchoredConsultation = tuple[str, str, datetime]
 
 
 def step_records(
-    session: Session, keys: Iterable[tuple[str, str]], since: datetime | None = None
+    session: Session, keys: Iterable[tuple[str, str]], *, since: datetime, until: datetime
 ) -> dict[tuple[str, str], list[StepRecord]]:
-    """Step records of several consultations (from `since` on), keyed by (store_id, consultation_id), in one query."""
+    """Step records of several consultations between `since` and `until` (inclusive), in one query.
+
+    The bounds are required: consultation ids are reused, and they let TimescaleDB exclude chunks.
+    """
     wanted = set(keys)
     if not wanted:
         return {}
@@ -70,23 +71,50 @@ def step_records(
             ConsultationStep.store_id, ConsultationStep.consultation_id, ConsultationStep.step,
             ConsultationStep.status, ConsultationStep.occurred_at, ConsultationStep.staff_id,
             ConsultationStep.skip_reason, ConsultationStep.data, ConsultationStep.event_id,
-        ).where(ConsultationStep.consultation_id.in_({cid for _, cid in wanted}))
+        ).where(
+            ConsultationStep.consultation_id.in_({cid for _, cid in wanted}),
+            ConsultationStep.occurred_at >= since, ConsultationStep.occurred_at <= until,
+        )
     )  # fmt: skip
-    if since is not None:
-        query = query.where(ConsultationStep.occurred_at >= since)
-    rows = session.execute(query)
     grouped: dict[tuple[str, str], list[StepRecord]] = {key: [] for key in wanted}
-    for store_id, cid, step, status, at, staff, reason, data, event_id in rows:
+    for store_id, cid, step, status, at, staff, reason, data, event_id in session.execute(query):
         if (store_id, cid) in grouped:
             grouped[(store_id, cid)].append(StepRecord(step, status, at, staff, reason, data, event_id))
     return grouped
 
 
-def load_consultation(session: Session, store_id: str, consultation_id: str, flow: FlowDefinition) -> Consultation:
-    """A consultation as the till sees it: its steps of the last POS_LOOKBACK."""
-    since = datetime.now(UTC) - POS_LOOKBACK
-    records = step_records(session, [(store_id, consultation_id)], since)[(store_id, consultation_id)]
-    return Consultation.of(flow, records)
+def steps_around(
+    session: Session, anchors: Iterable[AnchoredConsultation]
+) -> dict[AnchoredConsultation, list[StepRecord]]:
+    """The step records of each consultation within CONSULTATION_WINDOW of its anchor time.
+
+    Anchors close in time share one query; a batch spanning months (history, replays) runs one
+    query per stretch, so no query reaches beyond the window of some anchor.
+    """
+    ordered = sorted(set(anchors), key=lambda anchor: anchor[2])
+    found: dict[AnchoredConsultation, list[StepRecord]] = {}
+    start = 0
+    for end in range(1, len(ordered) + 1):
+        if end < len(ordered) and ordered[end][2] - ordered[end - 1][2] <= 2 * CONSULTATION_WINDOW:
+            continue
+        stretch = ordered[start:end]
+        records = step_records(
+            session, [(store_id, cid) for store_id, cid, _ in stretch],
+            since=consultation_window(stretch[0][2])[0], until=consultation_window(stretch[-1][2])[1],
+        )  # fmt: skip
+        for store_id, cid, at in stretch:
+            first, last = consultation_window(at)
+            found[(store_id, cid, at)] = [r for r in records[(store_id, cid)] if first <= r.occurred_at <= last]
+        start = end
+    return found
+
+
+def load_consultation(
+    session: Session, store_id: str, consultation_id: str, flow: FlowDefinition, at: datetime
+) -> Consultation:
+    """A consultation as seen at `at` (the till's now): its steps within CONSULTATION_WINDOW of it."""
+    anchor = (store_id, consultation_id, at)
+    return Consultation.of(flow, steps_around(session, [anchor])[anchor])
 
 
 def flow_status(consultation_id: str | None, consultation: Consultation | None, flow: FlowDefinition) -> dict[str, Any]:
@@ -121,8 +149,11 @@ def scan(
     consultation_id: str | None = None,
     kind: str = "sale",
     promotions_cache_s: float = 2.0,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """What the till shows when a SKU is scanned: prompts, the flow status and promotions."""
+    now = now or datetime.now(UTC)
+    since, until = consultation_window(now)
     master = cached_skus(session, [sku]).get(sku)
     prompts = []
     for prompt in active_prompts(session=session).prompts:
@@ -134,7 +165,8 @@ def scan(
                 PromptAnswer.store_id == store_id,
                 PromptAnswer.receipt_id == receipt_id,
                 PromptAnswer.prompt_id == prompt.id,
-                PromptAnswer.occurred_at >= datetime.now(UTC) - POS_LOOKBACK,
+                PromptAnswer.occurred_at >= since,
+                PromptAnswer.occurred_at <= until,
             )
             .limit(1)
         ):
@@ -143,7 +175,7 @@ def scan(
     flow = active_flow(session=session)
     flow_json = None
     if flow.controlled.matches(master, sku):
-        consultation = load_consultation(session, store_id, consultation_id, flow) if consultation_id else None
+        consultation = load_consultation(session, store_id, consultation_id, flow, now) if consultation_id else None
         flow_json = flow_status(consultation_id, consultation, flow)
     return {
         "sku": sku,
@@ -179,10 +211,12 @@ def record_step(
     customer: dict[str, Any] | None = None,
     event_id: str | None = None,
     occurred_at: datetime | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """Record one step in order; returns the event result and the flow status after it."""
     flow = active_flow(session=session)
-    consultation = load_consultation(session, store_id, consultation_id, flow)
+    at = occurred_at or now or datetime.now(UTC)
+    consultation = load_consultation(session, store_id, consultation_id, flow, at)
     try:
         consultation.check_next(step, status, skip_reason=skip_reason, data=data)
     except StepRefused as exc:
@@ -190,7 +224,6 @@ def record_step(
         raise CounterError(
             str(exc), code, {"error": str(exc), "flow": flow_status(consultation_id, consultation, flow)}
         ) from None
-    at = occurred_at or datetime.now(UTC)
     step_event_id = event_id or f"pos-{uuid.uuid4().hex}"
     event: dict[str, Any] = {
         "type": "consultation_step",
@@ -263,14 +296,21 @@ class CheckoutDecision:
         return body
 
 
-def checkout(*, session: Session, store_id: str, consultation_id: str | None, skus: list[str]) -> CheckoutDecision:
-    """Allowed unless a flow-controlled SKU's consultation still has steps neither done nor skipped."""
+def checkout(
+    *, session: Session, store_id: str, consultation_id: str | None, skus: list[str], now: datetime | None = None
+) -> CheckoutDecision:
+    """Allowed unless a flow-controlled SKU's consultation still has steps neither done nor skipped.
+
+    Only the consultation's steps within CONSULTATION_WINDOW of `now` count: an id reused later
+    starts afresh.
+    """
     flow = active_flow(session=session)
     controlled_codes = flow_controlled_skus(session=session, flow=flow, among=skus)
     controlled = [s for s in dict.fromkeys(skus) if s in controlled_codes]
     if not controlled:
         return CheckoutDecision(True, [], None)
-    consultation = load_consultation(session, store_id, consultation_id, flow) if consultation_id else None
+    at = now or datetime.now(UTC)
+    consultation = load_consultation(session, store_id, consultation_id, flow, at) if consultation_id else None
     missing_steps = consultation.missing if consultation else flow.required_steps
     if not missing_steps:
         return CheckoutDecision(True, [], None)
@@ -301,17 +341,27 @@ def trace(*, session: Session, store_id: str, receipt_id: str, terminal_id: str 
         .order_by(ReceiptLine.line_no)
     ).all()
     names = skus_by_code(session, [line.sku for line in lines])
+    # Receipt and consultation ids are reused: only what lies within the window of this sale is its own.
+    since, until = consultation_window(receipt.occurred_at)
     answers = session.scalars(
         select(PromptAnswer)
-        .where(PromptAnswer.store_id == store_id, PromptAnswer.receipt_id == receipt_id)
+        .where(
+            PromptAnswer.store_id == store_id, PromptAnswer.receipt_id == receipt_id,
+            PromptAnswer.occurred_at >= since, PromptAnswer.occurred_at <= until,
+        )
         .order_by(PromptAnswer.occurred_at)
-    ).all()
+    ).all()  # fmt: skip
     consultation_json = None
     if receipt.consultation_id:
         flow = active_flow(session=session)
         rows = session.scalars(
             select(ConsultationStep)
-            .where(ConsultationStep.store_id == store_id, ConsultationStep.consultation_id == receipt.consultation_id)
+            .where(
+                ConsultationStep.store_id == store_id,
+                ConsultationStep.consultation_id == receipt.consultation_id,
+                ConsultationStep.occurred_at >= since,
+                ConsultationStep.occurred_at <= until,
+            )
             .order_by(ConsultationStep.occurred_at)
         ).all()
         consultation = Consultation.of(

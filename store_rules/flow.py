@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from store_rules.definitions import FlowDefinition
+
+# A consultation runs minutes and its sale follows within minutes; late steps and corrections
+# come within hours. Tills reuse consultation ids (a counter per till, reset on reinstall), so
+# only steps within this window of an event belong to that event's consultation. The window also
+# bounds every lookup of earlier steps in time, so TimescaleDB excludes every older daily chunk.
+CONSULTATION_WINDOW = timedelta(days=2)
+
+
+def consultation_window(at: datetime) -> tuple[datetime, datetime]:
+    """The time range (inclusive) in which the steps of a consultation seen at `at` lie."""
+    return at - CONSULTATION_WINDOW, at + CONSULTATION_WINDOW
 
 
 @dataclass(frozen=True)
