@@ -64,6 +64,8 @@ class StoreRank:
     transactions: int = 0
     visitors: int = 0
     ratios: dict[str, Ratio] = field(default_factory=dict)
+    # Local time at which late data last changed one of the period's closed days, if it did.
+    revised_at: datetime | None = None
 
     @property
     def average_ticket(self) -> Decimal | None:
@@ -117,6 +119,9 @@ def store_ranking(
         rank.sales += day_values.sales
         rank.transactions += day_values.transactions
         rank.visitors += day_values.visitors
+        if day_values.revised_at is not None:
+            revised = day_values.revised_at.astimezone(tz)
+            rank.revised_at = max(rank.revised_at, revised) if rank.revised_at else revised
         for key in ("conversion_rate", *FLOW_METRICS):
             ratio = day_values.ratios.get(key, Ratio(0, 0))
             sums[(store_id, key)][0] += ratio.numerator
@@ -177,6 +182,7 @@ def _row_values(row: StoreRank, rank: int, lang: str) -> list[Any]:
     for key in RATIO_KEYS:
         percent = row.ratios[key].percent
         values.append(None if percent is None else round(percent, 1))
+    values.append(row.revised_at.strftime("%Y-%m-%d %H:%M") if row.revised_at else None)
     return values
 
 
@@ -184,7 +190,10 @@ def headers(lang: str) -> list[str]:
     pick = 0 if lang == "zh-CN" else 1
     fixed = [("排名", "rank"), ("门店编号", "store id"), ("门店", "store"), ("区域", "region")]
     columns = ("sales", "transactions", "visitors", "average_ticket", *RATIO_KEYS)
-    return [f[pick] for f in fixed] + [NAMES[k][pick] + (" (%)" if k in RATIO_KEYS else "") for k in columns]
+    revised = ("数据修订于（本地时间）", "revised at (local time)")[pick]
+    return (
+        [f[pick] for f in fixed] + [NAMES[k][pick] + (" (%)" if k in RATIO_KEYS else "") for k in columns] + [revised]
+    )
 
 
 def to_csv(rows: list[StoreRank], lang: str) -> bytes:

@@ -124,3 +124,27 @@ def test_the_chain_view_ranks_the_services_numbers_over_30_days(server: LiveServ
     assert rows["S001"]["insurance_pass_rate"] == (44, 70)  # 7 + 6 + 31 passes of 10 + 10 + 50 checks
     assert list(rows) == ["S002", "S001", "S003"]  # sorted by pass rate: 90 %, 62.9 %, none
     assert 'id="compare-region-R-ZJ"' in html and "Last 30 days" in html
+
+
+def test_a_day_revised_by_late_data_is_marked_on_the_report_and_its_export(server: LiveServer, chain: Engine) -> None:
+    from datetime import UTC, datetime
+
+    from store_rules import rollups
+
+    after = datetime(2026, 11, 25, 2, tzinfo=UTC)
+    with session_scope(chain) as session:
+        rollups.refresh(session=session, now=after)
+    with closing(sign_in(server.url, "hq", PASSWORD, headers={"Accept-Language": "zh-CN"})) as hq:
+        assert "已修订" not in hq.get("/reports/morning", params={"day": D3.isoformat()}).text
+
+        # An offline till of S002 catches up with a sale of D3 after the day was rolled up.
+        ingest(chain, [sale("LATE", local(D3, 20), store_id="S002", amount="30.00")])
+        with session_scope(chain) as session:
+            rollups.refresh(session=session, now=after + timedelta(hours=1))  # 10:00 in Shanghai
+        html = hq.get("/reports/morning", params={"day": D3.isoformat()}).text
+        revised = {store: "已修订 11-25 11:00" in body for store, body in CELL.findall(html)}
+        assert revised == {"S001": False, "S002": True, "S003": False}
+        exported = hq.get("/reports/morning.csv", params={"day": D3.isoformat()}).content.decode("utf-8-sig")
+    table = list(csv.reader(io.StringIO(exported)))
+    assert table[0][-1] == "数据修订于（本地时间）"
+    assert {row[1]: row[-1] for row in table[1:]} == {"S001": "", "S002": "2026-11-25 11:00", "S003": ""}
