@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from cachetools import LRUCache, TTLCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -265,31 +266,49 @@ def load_config_dir(*, session: Session, directory: Path = CONFIG_DIR) -> list[t
     return results
 
 
-_cache: dict[tuple[str, str, int], FlowDefinition | PromptSet] = {}
-
-
-_checked: dict[tuple[str, str], tuple[float, FlowDefinition | PromptSet]] = {}
 # How long a process may keep using a definition before it looks for a newer version: a till
 # scans many times a second, definitions change a few times a year.
 ACTIVE_TTL_S = 5.0
+# Per (kind, database) and per (kind, database, version): a process talks to one database, the
+# bound only matters to processes that meet many (tests, tools) or many versions.
+DEFINITION_CACHE_SIZE = 64
+# A till scans the same few hundred SKUs all day and master data changes at night: a master-data
+# import reaches running API processes within this many seconds.
+SKU_CACHE_TTL_S = 60.0
+# A chain's catalogue is some ten thousand SKUs; unknown codes (mistyped, another chain's) are
+# cached too, so without a bound a till sending random codes would grow the process without end.
+SKU_CACHE_SIZE = 50_000
+
+# FastAPI runs sync routes in a thread pool and cachetools caches are not thread-safe: every
+# read and write of the caches below holds this lock (never while the database is queried).
+_lock = threading.Lock()
+_cache: LRUCache[tuple[str, str, int], FlowDefinition | PromptSet] = LRUCache(maxsize=DEFINITION_CACHE_SIZE)
+_checked: TTLCache[tuple[str, str], FlowDefinition | PromptSet] = TTLCache(
+    maxsize=DEFINITION_CACHE_SIZE, ttl=ACTIVE_TTL_S
+)
+_sku_cache: TTLCache[tuple[str, str], SkuMaster | None] = TTLCache(maxsize=SKU_CACHE_SIZE, ttl=SKU_CACHE_TTL_S)
+_UNKNOWN = object()
 
 
 def _active_definition(session: Session, kind: str) -> FlowDefinition | PromptSet:
     """The newest stored version of a kind, looked up at most every ACTIVE_TTL_S per database."""
     key = (kind, str(session.get_bind().engine.url))
-    hit = _checked.get(key)
-    if hit is not None and time.monotonic() - hit[0] < ACTIVE_TTL_S:
-        return hit[1]
+    with _lock:
+        hit = _checked.get(key)
+    if hit is not None:
+        return hit
     definition = _load_active_definition(session, kind)
-    _checked[key] = (time.monotonic(), definition)
+    with _lock:
+        _checked[key] = definition
     return definition
 
 
 def forget_active_definitions() -> None:
     """Drop the cached definitions and SKU rows, e.g. after the tables were emptied by hand."""
-    _cache.clear()
-    _checked.clear()
-    _sku_cache.clear()
+    with _lock:
+        _cache.clear()
+        _checked.clear()
+        _sku_cache.clear()
 
 
 def _load_active_definition(session: Session, kind: str) -> FlowDefinition | PromptSet:
@@ -302,12 +321,17 @@ def _load_active_definition(session: Session, kind: str) -> FlowDefinition | Pro
     ).first()
     version = row[0] if row else 0
     key = (kind, str(session.get_bind().engine.url), version)
-    if key not in _cache:
-        if row is None:
-            _cache[key] = parse_definition(kind, (CONFIG_DIR / _FILES[kind]).read_text("utf-8"), _FILES[kind])
-        else:
-            _cache[key] = _MODELS[kind].model_validate({**row[1], "version": version})
-    return _cache[key]
+    with _lock:
+        hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    if row is None:
+        definition = parse_definition(kind, (CONFIG_DIR / _FILES[kind]).read_text("utf-8"), _FILES[kind])
+    else:
+        definition = _MODELS[kind].model_validate({**row[1], "version": version})
+    with _lock:
+        _cache[key] = definition
+    return definition
 
 
 def active_flow(*, session: Session) -> FlowDefinition:
@@ -361,28 +385,22 @@ def skus_by_code(session: Session, codes: Iterable[str]) -> dict[str, Sku]:
     return {s.sku: s for s in session.scalars(select(Sku).where(Sku.sku.in_(codes)))}
 
 
-_sku_cache: dict[tuple[str, str], tuple[float, SkuMaster | None]] = {}
-# A till scans the same few hundred SKUs all day and master data changes at night: a master-data
-# import reaches running API processes within this many seconds.
-SKU_CACHE_TTL_S = 60.0
-
-
 def cached_skus(session: Session, codes: Iterable[str]) -> dict[str, SkuMaster]:
     """Master rows of the known codes among `codes`, from a per-process cache (unknown codes cached too)."""
     database = str(session.get_bind().engine.url)
-    now = time.monotonic()
     found: dict[str, SkuMaster] = {}
     missing = []
-    for code in set(codes):
-        hit = _sku_cache.get((database, code))
-        if hit is not None and now - hit[0] < SKU_CACHE_TTL_S:
-            if hit[1] is not None:
-                found[code] = hit[1]
-        else:
-            missing.append(code)
+    with _lock:
+        for code in set(codes):
+            hit = _sku_cache.get((database, code), _UNKNOWN)
+            if hit is _UNKNOWN:
+                missing.append(code)
+            elif isinstance(hit, SkuMaster):
+                found[code] = hit
     if missing:
         loaded = {row.sku: SkuMaster.of(row) for row in session.scalars(select(Sku).where(Sku.sku.in_(missing)))}
-        for code in missing:
-            _sku_cache[(database, code)] = (now, loaded.get(code))
+        with _lock:
+            for code in missing:
+                _sku_cache[(database, code)] = loaded.get(code)
         found.update(loaded)
     return found
