@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,9 +16,16 @@ from sqlalchemy import Engine
 
 from dashboard.deps import Device
 from ingest.db import database_ok, session_scope
+from ingest.errors import classify
+from ingest.health import schema_problem
 from ingest.service import EventResult, ingest_payloads
 
+log = logging.getLogger(__name__)
+
 router = APIRouter()
+
+# What a device is told to wait before sending a batch again that the database could not store.
+RETRY_AFTER_S = 30
 
 
 class EventResultOut(BaseModel):
@@ -51,7 +59,23 @@ async def post_events(request: Request, device: Device) -> dict[str, Any]:
         raise HTTPException(422, detail=f"body: not valid JSON ({exc})") from None
     if not isinstance(batch, dict) or not isinstance(batch.get("events"), list):
         raise HTTPException(422, detail='body: expected an object {"events": [...]}')
-    results = await run_in_threadpool(_ingest, request.app.state.engine, batch["events"], device.store_id, device.name)
+    try:
+        results = await run_in_threadpool(
+            _ingest, request.app.state.engine, batch["events"], device.store_id, device.name
+        )
+    except Exception as exc:
+        diagnosis = classify(exc)
+        if diagnosis.is_data:
+            raise
+        # The events are fine and the device still has them: nothing is stored or dead-lettered,
+        # and the device sends the batch again (duplicates of it are recognised).
+        log.error("POST /api/v1/events from %s: %d events not stored: %s", device.name, len(batch["events"]),
+                  diagnosis.reason)  # fmt: skip
+        raise HTTPException(
+            503,
+            detail=f"storage unavailable, nothing was stored; send the batch again later ({diagnosis.reason})",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
     return {"results": [r.as_dict() for r in results]}
 
 
@@ -75,13 +99,24 @@ def broker_status(mqtt_url: str | None, timeout_s: float = 1.0) -> dict[str, Any
 
 @router.get("/healthz", tags=["health"])
 def healthz(request: Request) -> JSONResponse:
-    """Liveness and readiness: the database answers and, when configured, the broker accepts connections."""
-    db_ok, db_detail = database_ok(request.app.state.engine)
+    """Liveness and readiness: the database answers, ingest can write its tables (columns, privileges)
+    and, when configured, the broker accepts connections. 503 names the reason."""
+    engine = request.app.state.engine
+    db_ok, db_detail = database_ok(engine)
+    problem = schema_problem(engine) if db_ok else None
     broker = broker_status(request.app.state.settings.mqtt_url)
-    healthy = db_ok and broker["ok"]
-    body = {
+    healthy = db_ok and problem is None and broker["ok"]
+    body: dict[str, Any] = {
         "status": "ok" if healthy else "degraded",
-        "database": {"ok": db_ok, "detail": db_detail, "dialect": request.app.state.engine.dialect.name},
+        "database": {"ok": db_ok, "detail": db_detail, "dialect": engine.dialect.name},
+        "ingest": {"ok": problem is None, "detail": problem or "ok"},
         "broker": broker,
     }
+    if not healthy:
+        reasons = [
+            f"database: {db_detail}" if not db_ok else None,
+            problem,
+            f"broker {broker.get('address')}: {broker.get('error')}" if not broker["ok"] else None,
+        ]
+        body["reason"] = "; ".join(r for r in reasons if r)
     return JSONResponse(body, status_code=200 if healthy else 503)

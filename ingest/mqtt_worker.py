@@ -4,12 +4,19 @@ At-least-once delivery plus idempotent writes gives exactly-once storage: a mess
 acknowledged (PUBACK) only once the transaction holding its events has committed, so a crash
 or a database outage makes the broker redeliver it, and the (event_id, occurred_at) key turns
 the redelivery into a duplicate.
+
+Failures are told apart by `ingest.errors.classify`: a message whose failure is a data error is
+dead-lettered with its reason; on an environment error (missing table, column or privilege,
+statement timeout, full disk, unreachable database, anything unknown) the worker keeps the
+batch unacknowledged, retries with capped, jittered backoff, logs an ERROR with the reason at
+least once a minute and reports "failing" on its health endpoint until a commit succeeds.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import signal
 import statistics
 import threading
@@ -28,9 +35,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
-from sqlalchemy import exc as sa_exc
 
 from ingest.db import session_scope
+from ingest.errors import Diagnosis, classify
+from ingest.health import WorkerHealth, iso, schema_problem, serve_worker_health
 from ingest.service import AckError, Inbound, dead_letter, ingest_inbound, parse_ack, record_promotion_ack
 from ingest.settings import Settings
 
@@ -134,11 +142,38 @@ def event_time_lag(decoded: list[Decoded]) -> float | None:
     return None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Connection-level trouble: keep the batch unacknowledged and retry later."""
-    if isinstance(exc, sa_exc.DBAPIError):
-        return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or exc.connection_invalidated
-    return isinstance(exc, sa_exc.TimeoutError | ConnectionError)
+# While storing fails, the ERROR with the reason repeats at this interval (and whenever the
+# reason changes), not at every retry.
+ERROR_LOG_EVERY_S = 60.0
+RETRY_FIRST_DELAY_S = 0.5
+
+
+def retry_delay(attempt: int, cap_s: float) -> float:
+    """Exponential backoff from RETRY_FIRST_DELAY_S, capped, with jitter so that workers
+    sharing a subscription do not hit a recovering database in lockstep."""
+    ceiling = min(cap_s, RETRY_FIRST_DELAY_S * 2 ** min(attempt - 1, 30))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class WorkerStartError(RuntimeError):
+    """The worker cannot start as configured; the message names the setting."""
+
+
+@dataclass
+class Outage:
+    """The storing failure of the batch in hand: since when, how often tried, and when last told."""
+
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    reason: str = ""
+    logged_at: float | None = None
+
+    def should_log(self, reason: str) -> bool:
+        now = time.monotonic()
+        if self.logged_at is None or reason != self.reason or now - self.logged_at >= ERROR_LOG_EVERY_S:
+            self.logged_at = now
+            return True
+        return False
 
 
 @dataclass
@@ -174,6 +209,8 @@ class IngestWorker:
         self._generation = 0
         self._stats = Stats()
         self.total_events = 0
+        self.health = WorkerHealth()
+        self.health_address: tuple[str, int] | None = None
         self.client = self._make_client()
 
     # --- MQTT side (paho's network thread) -------------------------------------------------
@@ -279,21 +316,37 @@ class IngestWorker:
         duplicates = sum(r.status == "duplicate" for r in results)
         return len(items), rejected, duplicates
 
+    def _store_batch(self, decoded: list[Decoded]) -> tuple[int, int, int]:
+        """The batch in one transaction; if a data error breaks it, message by message."""
+        try:
+            return self._store(decoded)
+        except Exception as exc:
+            if not classify(exc).is_data:
+                raise
+        return self._store_isolating(decoded)
+
     def _store_isolating(self, decoded: list[Decoded]) -> tuple[int, int, int]:
-        """Store message by message, so one poison message cannot stall the stream."""
+        """Store message by message, so one poison message cannot stall the stream.
+
+        Only a message whose own failure is a data error is dead-lettered; an environment error
+        propagates, and the whole batch stays unacknowledged (what was committed here becomes
+        duplicates on the retry).
+        """
         totals = [0, 0, 0]
         for d in decoded:
             try:
                 counts = self._store([d])
             except Exception as exc:
-                if is_transient(exc):
+                diagnosis = classify(exc)
+                if not diagnosis.is_data:
                     raise
-                log.exception("message on %s broke the ingest path; dead-lettering it", d.message.topic)
+                log.warning("message on %s refused by the database (%s); dead-lettering it",
+                            d.message.topic, diagnosis.reason)  # fmt: skip
                 with session_scope(self.engine) as session:
                     dead_letter(
                         session=session,
                         source=f"mqtt:{d.message.topic}",
-                        reason=f"worker: internal error {type(exc).__name__}: {exc}",
+                        reason=f"database: {diagnosis.reason}",
                         raw_payload=d.message.payload.decode("utf-8", errors="replace"),
                     )
                 counts = (0, 1, 0)
@@ -301,34 +354,32 @@ class IngestWorker:
         return totals[0], totals[1], totals[2]
 
     def _write_with_retry(self, batch: list[Received]) -> bool:
-        """Commit the batch, retrying through database outages; False if stopped before commit."""
+        """Commit the batch, retrying through environment errors; False if stopped before commit."""
         decoded = [decode(m, self.settings.mqtt_topic_prefix) for m in batch]
-        delay = 0.5
+        outage: Outage | None = None
         while True:
             try:
-                try:
-                    counts = self._store(decoded)
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise
-                    counts = self._store_isolating(decoded)
+                counts = self._store_batch(decoded)
                 break
             except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if self.stopping.is_set():
+                outage = outage or Outage()
+                outage.attempts += 1
+                diagnosis = classify(exc)
+                self.health.failing(diagnosis.reason, kept_messages=len(batch))
+                delay = retry_delay(outage.attempts, self.settings.ingest_retry_max_s)
+                self._report_outage(outage, diagnosis, exc, len(batch), delay)
+                if self.stopping.is_set() or self.stopping.wait(delay):
                     log.warning(
-                        "stopping while the database is unavailable; %d messages stay unacknowledged", len(batch)
-                    )
+                        "stopping while the database is unusable (%s); %d messages stay unacknowledged "
+                        "and will be redelivered", diagnosis.reason, len(batch),
+                    )  # fmt: skip
                     return False
-                log.warning(
-                    "database unavailable (%s); batch of %d messages kept, retry in %.1fs",
-                    str(exc).splitlines()[0][:200],
-                    len(batch),
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        if outage is not None:
+            log.warning(
+                "database usable again after %.0f s and %d failed attempts; the kept batch of %d messages is stored",
+                time.monotonic() - outage.started, outage.attempts, len(batch),
+            )  # fmt: skip
+        self.health.stored()
         events, rejected, duplicates = counts
         committed = time.monotonic()
         for message in batch:
@@ -345,6 +396,56 @@ class IngestWorker:
         if self.on_commit is not None:
             self.on_commit(events)
         return True
+
+    @staticmethod
+    def _report_outage(outage: Outage, diagnosis: Diagnosis, exc: Exception, kept: int, delay: float) -> None:
+        if outage.should_log(diagnosis.reason):
+            log.error(
+                "database unavailable: %s; %d messages kept unacknowledged (nothing dead-lettered), "
+                "failing for %.0f s, %d attempts, next retry in %.1f s",
+                diagnosis.reason, kept, time.monotonic() - outage.started, outage.attempts, delay,
+                # An error that is not the database's own deserves its traceback, once.
+                exc_info=exc if diagnosis.reason.startswith("internal error") and outage.attempts == 1 else None,
+            )  # fmt: skip
+        outage.reason = diagnosis.reason
+        log.debug("retry %d in %.1f s after: %s", outage.attempts, delay, diagnosis.reason)
+
+    def health_report(self) -> tuple[int, dict[str, Any]]:
+        """The health endpoint's answer: 200 while the worker stores, 503 with the reason otherwise."""
+        failure = self.health.report()
+        if failure is None and not self.connected.is_set():
+            failure = {"status": "failing", "reason": f"broker: not connected to {self._host}:{self._port}"}
+        if failure is None:
+            problem = schema_problem(self.engine)
+            if problem is not None:
+                failure = {"status": "failing", "reason": problem}
+        if failure is not None:
+            return 503, failure
+        return 200, {
+            "status": "ok",
+            "broker": f"{self._host}:{self._port}",
+            "last_commit_at": iso(self.health.last_commit_at),
+            "events_stored": self.total_events,
+        }
+
+    def _start_health_server(self) -> Callable[[], None]:
+        port = self.settings.ingest_health_port
+        if port is None:
+            return lambda: None
+        host = self.settings.ingest_health_host
+        try:
+            server, thread = serve_worker_health(host, port, self.health_report)
+        except OSError as exc:
+            raise WorkerStartError(f"ingest_health_port: cannot listen on {host}:{port} ({exc})") from exc
+        self.health_address = (host, int(server.server_address[1]))
+        log.info("health endpoint on http://%s:%d/healthz", *self.health_address)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+        return stop
 
     def _log_stats(self, force: bool = False) -> None:
         elapsed = time.monotonic() - self._stats.since
@@ -368,6 +469,7 @@ class IngestWorker:
 
     def run(self) -> None:
         """Consume until `request_stop`; then finish the current batch and disconnect."""
+        stop_health = self._start_health_server()
         self.client.connect_async(
             self._host, self._port, keepalive=30, clean_start=False, properties=self._connect_properties()
         )
@@ -382,6 +484,7 @@ class IngestWorker:
             self._log_stats(force=True)
             self.client.disconnect()
             self.client.loop_stop()
+            stop_health()
             log.info("ingest worker stopped; %d events stored in this run", self.total_events)
 
     def run_forever(self) -> int:
@@ -393,5 +496,17 @@ class IngestWorker:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        self.run()
+        try:
+            self.run()
+        except WorkerStartError as exc:
+            log.critical("ingest worker cannot start: %s", exc)
+            return 2
+        except Exception as exc:
+            # Whatever was not acknowledged is redelivered to the next worker; the supervisor
+            # (systemd, Docker) restarts this one on the non-zero exit code.
+            log.critical(
+                "ingest worker exits on an unexpected error: %s; unacknowledged messages will be redelivered",
+                classify(exc).reason, exc_info=exc,
+            )  # fmt: skip
+            return 1
         return 0

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     device_token_cache_s: float = Field(default=10.0, ge=0, description="how long a device token stays trusted")
     ingest_batch_size: int = 2000
     ingest_batch_ms: int = 200
+    # While the database cannot store (outage, missing column or privilege, full disk) the worker
+    # keeps its batch unacknowledged and retries, backing off up to this many seconds.
+    ingest_retry_max_s: float = Field(default=10.0, gt=0)
+    # The ingest worker's own GET /healthz (`storepulse ingest-worker --health-port`); unset: none.
+    ingest_health_port: int | None = Field(default=None, ge=0, le=65535)
+    ingest_health_host: str = "127.0.0.1"
     # Alert delivery: retries back off from notify_backoff_s, doubling up to notify_backoff_max_s.
     notify_backoff_s: float = Field(default=5.0, gt=0)
     notify_backoff_max_s: float = Field(default=600.0, gt=0)

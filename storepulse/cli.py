@@ -251,6 +251,9 @@ def serve(
 def ingest_worker(
     shared_group: Annotated[str | None, typer.Option(help="join $share/<group>/... to split load")] = None,
     client_id: Annotated[str | None, typer.Option(help="MQTT client id (persistent session key)")] = None,
+    health_port: Annotated[
+        int | None, typer.Option(help="serve GET /healthz on this port (STOREPULSE_INGEST_HEALTH_PORT)")
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Consume the MQTT event topics into the database (QoS 1, ack after commit)."""
@@ -262,9 +265,8 @@ def ingest_worker(
     if not settings.mqtt_url:
         typer.echo("error: STOREPULSE_MQTT_URL is not set (e.g. mqtt://127.0.0.1:1883)", err=True)
         raise typer.Exit(2)
-    settings = settings.model_copy(
-        update={k: v for k, v in {"mqtt_shared_group": shared_group, "mqtt_client_id": client_id}.items() if v}
-    )
+    overrides = {"mqtt_shared_group": shared_group, "mqtt_client_id": client_id, "ingest_health_port": health_port}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None and v != ""})
     worker = IngestWorker(settings, get_engine(settings.effective_database_url))
     sys.exit(worker.run_forever())
 

@@ -1,6 +1,7 @@
 """Batch writers, one module per database, chosen by dialect name through the registry."""
 
-from ingest.writers.base import BatchRefused, EventWriter, WriteStatus, get_writer, register_writer
+from ingest.errors import BatchRefused
+from ingest.writers.base import EventWriter, WriteStatus, get_writer, register_writer
 from ingest.writers.postgres import PostgresCopyWriter
 from ingest.writers.sqlite import SqliteWriter
 

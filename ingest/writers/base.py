@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ingest.contract import (
@@ -20,12 +20,9 @@ from ingest.contract import (
     ReceiptEvent,
     StockEvent,
 )
+from ingest.errors import BatchRefused, classify
 
 WriteStatus = Literal["accepted", "duplicate"]
-
-
-class BatchRefused(Exception):
-    """The database refused a value of the batch (not a connection problem); retrying won't help."""
 
 
 # Column order of every row tuple below; the writers address tables only through these.
@@ -208,10 +205,17 @@ class EventWriter(ABC):
         rows = flatten(unique_events, unique_raws, received_at or datetime.now(UTC))
         try:
             accepted = self._store(rows, session=session)
-        except (DataError, IntegrityError, ProgrammingError) as exc:
-            raise BatchRefused(str(exc.orig).splitlines()[0] if exc.orig else str(exc)) from exc
+        except DBAPIError as exc:
+            # Only a refused value makes the batch go event by event into the dead letters; a
+            # missing table, column or privilege, a timeout or a full disk propagates as it is.
+            diagnosis = classify(exc)
+            if not diagnosis.is_data:
+                raise
+            raise BatchRefused(diagnosis.reason) from exc
         except UnicodeEncodeError as exc:
             raise BatchRefused(f"text that is not valid Unicode ({exc.reason})") from exc
+        except OverflowError as exc:
+            raise BatchRefused(f"a number too large for the database ({exc})") from exc
         for table, owners in rows.owners.items():
             for local_index in accepted.get(table, ()):
                 statuses[unique_positions[owners[local_index]]] = "accepted"

@@ -21,8 +21,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from ingest.errors import BatchRefused
 from ingest.models import Base
-from ingest.writers.base import COLUMNS, BatchRefused, EventWriter, RowSet, children_of_accepted
+from ingest.writers.base import COLUMNS, EventWriter, RowSet, children_of_accepted
 
 _PG_DIALECT = postgresql.dialect()
 
@@ -99,14 +100,17 @@ class PostgresCopyWriter(EventWriter):
     @staticmethod
     def _copy(cursor: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
         stage = staging_name(table)
+        columns = ", ".join(COLUMNS[table])
         # ON COMMIT DELETE ROWS empties the stage at every commit, so a pooled connection
-        # never carries one batch's rows into the next.
+        # never carries one batch's rows into the next. The stage is made of exactly the
+        # written columns: while one of them is missing from the table (a botched migration)
+        # no stage can be created, so none outlives the repair without that column.
         cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
+            f"AS SELECT {columns} FROM {table} WITH NO DATA"
         )
         # Empty already unless the caller wrote twice in one transaction; DELETE is cheaper than TRUNCATE.
         cursor.execute(f"DELETE FROM {stage}")
-        columns = ", ".join(COLUMNS[table])
         with cursor.copy(f"COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_copy_types(table))
             for row in rows:
