@@ -25,7 +25,10 @@ from ingest.models import EVENT_TABLES, Region, Sensor, Sku, Staff, Store, Termi
 PG_ADMIN_URL = os.environ.get("STOREPULSE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MQTT_HOST = os.environ.get("STOREPULSE_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("STOREPULSE_TEST_MQTT_PORT", "1883"))
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The public data sets beside the project (../shared/data); elsewhere when the checkout is elsewhere.
+SHARED_DATA = Path(
+    os.environ.get("STOREPULSE_TEST_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TRUNCATE_ORDER = (
@@ -65,6 +68,18 @@ def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def shared_data_files(folder: str, pattern: str, what: str) -> list[Path]:
+    """The files of a shared data set; missing data is `unavailable`: a skip on a laptop, a failure in CI."""
+    directory = SHARED_DATA / folder
+    files = sorted(directory.glob(pattern)) if directory.is_dir() else []
+    if not files:
+        unavailable(
+            f"{what} not found in {directory} (the shared data folder is not checked out there; "
+            "STOREPULSE_TEST_SHARED_DATA names another place)"
+        )
+    return files
 
 
 def create_timescale_database(prefix: str = "storepulse_test") -> str:

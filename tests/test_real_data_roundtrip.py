@@ -24,7 +24,7 @@ from sqlalchemy import Engine, text
 from adapters.sources.online_retail import Conversion, convert, day_files, event_topic
 from ingest.contract import parse_event
 from tests.brokers import Broker, mosquitto_broker, publisher, wait_until, worker_thread
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, shared_data_files
 
 DATA = SHARED_DATA / "online_retail"
 STORES = ("S001", "S002", "S003")
@@ -32,10 +32,7 @@ Key = tuple[str, str]  # (local date, store)
 
 
 def _data_files() -> list[Path]:
-    files = sorted(DATA.glob("*.csv")) if DATA.is_dir() else []
-    if not files:
-        pytest.skip(f"UCI Online Retail files not found in {DATA} (the shared data folder is not checked out)")
-    return files
+    return shared_data_files("online_retail", "*.csv", "UCI Online Retail files")
 
 
 @pytest.fixture(scope="module")
