@@ -1,8 +1,14 @@
 """Delivering alerts: the outbox of notifications, claimed, sent, retried with backoff, logged.
 
 A delivery pass claims due notifications with one conditional UPDATE (pending and due, or
-claimed by a worker whose lease ran out), commits the claim, sends outside any transaction
-and records each attempt. Two workers therefore never send one notification twice. Robots
+claimed by a worker whose lease ran out) and commits the claim. Sends run one after another,
+outside any transaction; just before each send the worker renews its claim on what it is about
+to send (another conditional UPDATE, committed), and drops whatever another worker took over
+meanwhile. A claim thus lasts from its renewal through one send, and the lease (120 s) outlasts
+one send (at most the 10 s timeout) many times over: two workers never send one notification
+twice, however long the whole pass takes. Recording compares the claim (worker and renewal
+time) again. Claims a pass did not get to (it was stopped, or failed) are released at its end.
+Robots
 accept 20 messages a minute: when a channel has more due than its budget allows, they are
 merged into digests; when the budget is spent they wait for the minute to roll over.
 """
@@ -13,6 +19,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -45,13 +52,21 @@ class DeliveryPolicy:
     backoff_max_s: float = 600.0
     max_attempts: int = 10
     lease_s: float = 120.0
+    send_timeout_s: float = 10.0  # of each HTTP request; a claim must outlast one send
     public_url: str = "http://127.0.0.1:8000"
+
+    def __post_init__(self) -> None:
+        if self.lease_s <= self.send_timeout_s:
+            raise ValueError(
+                f"lease_s: {self.lease_s:g} s must be longer than one send (send_timeout_s {self.send_timeout_s:g} s)"
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryPolicy:
         return cls(
             backoff_s=settings.notify_backoff_s, backoff_max_s=settings.notify_backoff_max_s,
-            max_attempts=settings.notify_max_attempts, public_url=settings.public_url,
+            max_attempts=settings.notify_max_attempts, lease_s=settings.notify_lease_s,
+            public_url=settings.public_url,
         )  # fmt: skip
 
     def backoff(self, attempts: int) -> timedelta:
@@ -173,6 +188,49 @@ def claim_due(*, session: Session, worker: str, now: datetime, policy: DeliveryP
     return sorted(claimed)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds: its name and the time it (re)claimed, compared on every later step."""
+
+    worker: str
+    at: datetime
+
+
+def _ours(claim: Claim) -> Any:
+    return and_(
+        Notification.claimed_by == claim.worker, Notification.claimed_at == claim.at, Notification.status == SENDING
+    )
+
+
+def renew_claim(*, engine: Engine, ids: Sequence[int], claim: Claim) -> tuple[list[int], Claim]:
+    """Just before a send: re-take the claim on `ids`, committed; returns the ids still ours and the new claim.
+
+    A notification whose lease ran out and which another worker claimed meanwhile is not ours
+    any more and is left out; one that nobody took yet is renewed, and nobody can take it while
+    it is being sent (its claim is younger than the lease, which outlasts a send).
+    """
+    renewed = Claim(claim.worker, datetime.now(UTC))
+    with session_scope(engine) as session:
+        kept = session.scalars(
+            update(Notification)
+            .where(Notification.id.in_(list(ids)), _ours(claim))
+            .values(claimed_at=renewed.at)
+            .returning(Notification.id)
+        ).all()
+    return sorted(kept), renewed
+
+
+def release_claim(*, engine: Engine, ids: Sequence[int], claim: Claim) -> int:
+    """Give back notifications claimed but not sent, so another worker sends them without waiting for the lease."""
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(Notification)
+            .where(Notification.id.in_(list(ids)), _ours(claim))
+            .values(status=PENDING, claimed_by=None, claimed_at=None)
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def _sent_in_last_minute(session: Session, channel_id: str, now: datetime) -> int:
     return int(
         session.scalar(
@@ -189,7 +247,7 @@ def _record(
     channel: str,
     notification_ids: list[int],
     result: DeliveryResult,
-    worker: str,
+    claim: Claim,
     at: datetime,
     duration_ms: int,
     policy: DeliveryPolicy,
@@ -199,12 +257,12 @@ def _record(
     session.add(
         NotificationAttempt(
             channel_id=channel, notification_ids=notification_ids, at=at, ok=result.ok,
-            status_code=result.status_code, detail=result.detail[:500], duration_ms=duration_ms, worker=worker,
+            status_code=result.status_code, detail=result.detail[:500], duration_ms=duration_ms, worker=claim.worker,
         )
     )  # fmt: skip
-    for notification in session.scalars(select(Notification).where(Notification.id.in_(notification_ids))):
-        if notification.claimed_by != worker or notification.status != SENDING:
-            continue  # our lease ran out and another worker took it over
+    for notification in session.scalars(
+        select(Notification).where(Notification.id.in_(notification_ids), _ours(claim))
+    ):
         notification.attempts += 1
         if result.ok:
             notification.status, notification.sent_at, notification.digest_id = SENT, at, digest_id
@@ -236,8 +294,13 @@ def deliver_due(
     policy: DeliveryPolicy | None = None,
     client: httpx.Client | None = None,
     now: datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> DeliveryReport:
-    """One delivery pass: claim, send (one by one, or as digests past a channel's budget), record."""
+    """One delivery pass: claim, send (one by one, or as digests past a channel's budget), record.
+
+    When `stop` is set (the scheduler is shutting down) the pass ends after the send in flight
+    and gives back what it did not send, for the next scheduler to take over at once.
+    """
     worker = worker or f"delivery-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     policy = policy or DeliveryPolicy()
     report = DeliveryReport()
@@ -248,8 +311,9 @@ def deliver_due(
     report.claimed = len(claimed)
     if not claimed:
         return report
+    claim = Claim(worker, now)
     own_client = client is None
-    client = client or httpx.Client(timeout=10.0)
+    client = client or httpx.Client(timeout=policy.send_timeout_s)
     try:
         with session_scope(engine) as session:
             rows = session.execute(
@@ -263,10 +327,16 @@ def deliver_due(
         for notification, alert, store_name in rows:
             by_channel[notification.channel_id].append((notification, alert, store_name))
         for channel_id, items in by_channel.items():
-            _deliver_channel(engine, channels, channel_id, items, worker, policy, client, report)
+            if stop is not None and stop.is_set():
+                break
+            _deliver_channel(engine, channels, channel_id, items, claim, policy, client, report, stop)
     finally:
         if own_client:
             client.close()
+        # Sent ones carry a renewed claim (or are no longer sending): only the untouched are given back.
+        released = release_claim(engine=engine, ids=claimed, claim=claim)
+        if released:
+            log.info("delivery %s: %d notification(s) given back unsent", worker, released)
     return report
 
 
@@ -275,17 +345,18 @@ def _deliver_channel(
     channels: ChannelSet,
     channel_id: str,
     items: list[tuple[Notification, Alert, str]],
-    worker: str,
+    claim: Claim,
     policy: DeliveryPolicy,
     client: httpx.Client,
     report: DeliveryReport,
+    stop: threading.Event | None = None,
 ) -> None:
     channel = channels.get(channel_id)
     ids = [n.id for n, _, _ in items]
     if channel is None:
         result = DeliveryResult(False, None, f"channel {channel_id}: not in the channels in force", retryable=False)
         with session_scope(engine) as session:
-            _record(session, channel_id, ids, result, worker, datetime.now(UTC), 0, policy, report, None)
+            _record(session, channel_id, ids, result, claim, datetime.now(UTC), 0, policy, report, None)
         return
     with session_scope(engine) as session:
         budget = channel.rate_limit_per_minute - _sent_in_last_minute(session, channel_id, datetime.now(UTC))
@@ -293,7 +364,7 @@ def _deliver_channel(
             # Released for the next minute; the claim's conditional UPDATE keeps it ours until then.
             session.execute(
                 update(Notification)
-                .where(Notification.id.in_(ids), Notification.claimed_by == worker, Notification.status == SENDING)
+                .where(Notification.id.in_(ids), _ours(claim))
                 .values(status=PENDING, next_attempt_at=datetime.now(UTC) + timedelta(seconds=60))
             )
             report.deferred += len(ids)
@@ -304,7 +375,13 @@ def _deliver_channel(
         # As few digests as the budget needs; a long one is cut by the robot adapter's size limit.
         size = max(math.ceil(len(items) / budget), 2)
         groups = [items[i : i + size] for i in range(0, len(items), size)]
-    for group in groups:
+    for planned in groups:
+        if stop is not None and stop.is_set():
+            return
+        kept, sending = renew_claim(engine=engine, ids=[n.id for n, _, _ in planned], claim=claim)
+        group = [item for item in planned if item[0].id in kept]
+        if not group:
+            continue  # another worker took these over after our lease ran out; it sends them
         if len(group) == 1:
             notification, alert, store_name = group[0]
             message, digest_id = alert_message(alert, store_name, policy, notification.reason), None
@@ -327,7 +404,7 @@ def _deliver_channel(
                 channel_id,
                 [n.id for n, _, _ in group],
                 result,
-                worker,
+                sending,
                 at,
                 duration_ms,
                 policy,

@@ -193,8 +193,19 @@ class Silence:
     def __init__(self, params: SilenceParams) -> None:
         self.params = params
 
-    def evaluate(self, last_seen: Mapping[str | None, date | None], day: date) -> list[Verdict]:
-        """`last_seen`: subject → the last local day with a record up to `day` (None: none in the lookback)."""
+    def evaluate(
+        self,
+        last_seen: Mapping[str | None, date | None],
+        day: date,
+        never_reported: Mapping[str, date | None] | None = None,
+    ) -> list[Verdict]:
+        """`last_seen`: subject → the last local day with a record up to `day` (None: none in the lookback).
+
+        `never_reported` (per-sensor rules): the store's counters that never sent a record and
+        whose grace period after registration is over → the local day each was registered. They
+        are left out of `last_seen`: a counter just installed is not "silent for 30 days", and
+        the store gets one alert for all of them instead of one per counter.
+        """
         verdicts = []
         earliest = day - timedelta(days=self.params.lookback_days - 1)
         for subject, seen in sorted(last_seen.items(), key=lambda item: item[0] or ""):
@@ -213,7 +224,22 @@ class Silence:
                     window_end=day if fired else None, values=values, subject=subject,
                 )
             )  # fmt: skip
+        if never_reported is not None:
+            verdicts.append(self._never_reported(never_reported, day))
         return verdicts
+
+    def _never_reported(self, counters: Mapping[str, date | None], day: date) -> Verdict:
+        if not counters:
+            return Verdict(fired=False, cleared=True, window_start=None, window_end=None, values={})
+        known = [registered for registered in counters.values() if registered is not None]
+        registered_on = min(known) if known else None
+        values = {
+            "source": self.params.source,
+            "never_reported": sorted(counters),
+            "registered_on": registered_on.isoformat() if registered_on else None,
+        }
+        start = min(registered_on, day) if registered_on else day
+        return Verdict(fired=True, cleared=False, window_start=start, window_end=day, values=values)
 
 
 # --- stock rules: positions of one store in, one verdict per SKU out ---------------------------

@@ -8,6 +8,14 @@ Only one scheduler is active per database: it holds a PostgreSQL advisory lock (
 next to the database on SQLite) for as long as it runs; a second instance waits for it and
 takes over when the first stops or dies. Jobs use stable ids, coalesce and
 ``max_instances=1``; SIGTERM stops the jobs cleanly and releases the lock.
+
+Takeover: on SIGTERM the active scheduler finishes the send in flight (at most the 10 s send
+timeout), gives back the notifications it had claimed but not sent, and releases the lock;
+the waiting one polls the lock every ``wait_interval_s`` (5 s) and sends the rest. So it takes
+over within 15 s, and no notification is sent by both. A scheduler that dies without stopping
+(SIGKILL, a crash) loses the lock as soon as PostgreSQL sees its connection close; its claims
+are taken over when their lease (``notify_lease_s``, 120 s) runs out, and only the message it
+was sending at the moment it died, whose outcome nobody learned, may be sent again.
 """
 
 from __future__ import annotations
@@ -140,7 +148,7 @@ class RuleScheduler:
                 evaluate_rule(session=session, rule=rule)
 
     def _deliver(self) -> None:
-        deliver_due(engine=self.engine, worker=self.worker, policy=self.policy)
+        deliver_due(engine=self.engine, worker=self.worker, policy=self.policy, stop=self.stop_event)
 
     def _promotions(self) -> None:
         with session_scope(self.engine) as session:

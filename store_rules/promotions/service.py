@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, or_, select, update
+from cachetools import TTLCache
+from sqlalchemy import Engine, and_, case, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ from ingest import audit
 from ingest.db import session_scope
 from ingest.models import PromotionAck, ReceiptLine, Sku, Store, Terminal
 from store_rules.metrics import Ratio
+from store_rules.promotion_events import PromotionDecided, promotion_decided
 from store_rules.promotions.models import (
     ACTIVE,
     ENDED,
@@ -187,13 +188,30 @@ def get_promotion(*, session: Session, promotion_id: str) -> Promotion:
     return promotion
 
 
-def _close_alert(session: Session, promotion: Promotion, note: str, now: datetime) -> None:
-    if promotion.alert_id is None:
-        return
-    # Imported here: the alert service drafts promotions, so it imports this module first.
-    from store_rules.alerts.service import resolve_by_system
+def _decided(session: Session, promotion: Promotion, note: str, now: datetime) -> None:
+    """Tell the subscribers (the alert side closes the alert that drafted it) in this transaction."""
+    event = PromotionDecided(
+        promotion_id=promotion.promotion_id, store_id=promotion.store_id, outcome=promotion.status,
+        alert_id=promotion.alert_id, note=note, at=now,
+    )  # fmt: skip
+    promotion_decided(session, event)
 
-    resolve_by_system(session=session, alert_id=promotion.alert_id, note=note, now=now)
+
+def lock_store_set(*, session: Session, store_id: str) -> None:
+    """Serialise everything that changes the store's set until this transaction ends.
+
+    The set is computed from the active promotions; without the lock two decisions at once
+    (two approvals, an approval and an expiry or a retraction) each compute it from a view
+    that lacks the other's change, and the newest version misses a live promotion. Taken
+    before a promotion's status changes, so decisions queue up instead of deadlocking.
+    On PostgreSQL a transaction-scoped advisory lock per store (the statements after it, in
+    READ COMMITTED, see what the previous holder committed); SQLite transactions begin
+    IMMEDIATE (ingest.db), so writers are serialised already.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"promotion_set:{store_id}"}
+        )
 
 
 def _move(session: Session, promotion: Promotion, before: str, values: dict[str, Any]) -> bool:
@@ -223,6 +241,8 @@ def approve(
 ) -> Promotion:
     now = now or datetime.now(UTC)
     promotion = get_promotion(session=session, promotion_id=promotion_id)
+    lock_store_set(session=session, store_id=promotion.store_id)
+    session.refresh(promotion)  # as the previous holder of the lock left it
     _refuse_unless(promotion, PENDING, "approved")
     if promotion.decide_by <= now:
         expire_due(session=session, now=now)
@@ -248,7 +268,7 @@ def approve(
     if promotion.params != before_params:
         detail["params_before"], detail["params_after"] = before_params, promotion.params
     _audit(session, promotion, "approved", PENDING, user_id, now, detail)
-    _close_alert(session, promotion, f"draft {promotion_id} approved by {user_id}", now)
+    _decided(session, promotion, f"draft {promotion_id} approved by {user_id}", now)
     new_set(session=session, store_id=promotion.store_id, reason=f"approved {promotion_id}", now=now)
     return promotion
 
@@ -263,7 +283,7 @@ def reject(*, session: Session, promotion_id: str, user_id: str, reason: str, no
     if not _move(session, promotion, PENDING, values):
         raise PromotionError(f"status: promotion {promotion_id} was decided meanwhile ({promotion.status})")
     _audit(session, promotion, "rejected", PENDING, user_id, now, {"reason": reason.strip()})
-    _close_alert(session, promotion, f"draft {promotion_id} rejected by {user_id}: {reason.strip()}", now)
+    _decided(session, promotion, f"draft {promotion_id} rejected by {user_id}: {reason.strip()}", now)
     return promotion
 
 
@@ -275,6 +295,8 @@ def retract(
     if not reason or not reason.strip():
         raise PromotionError("reason: a retraction needs a reason", 422)
     promotion = get_promotion(session=session, promotion_id=promotion_id)
+    lock_store_set(session=session, store_id=promotion.store_id)
+    session.refresh(promotion)
     _refuse_unless(promotion, ACTIVE, "retracted")
     if not _move(session, promotion, ACTIVE, {"status": RETRACTED, "ended_at": now, "reason": reason.strip()}):
         raise PromotionError(f"status: promotion {promotion_id} changed meanwhile ({promotion.status})")
@@ -296,10 +318,16 @@ def expire_due(*, session: Session, now: datetime | None = None) -> Housekeeping
     for promotion in session.scalars(select(Promotion).where(Promotion.status == PENDING, Promotion.decide_by <= now)):
         if _move(session, promotion, PENDING, {"status": EXPIRED, "decided_at": now, "decided_by": SYSTEM}):
             _audit(session, promotion, "expired", PENDING, SYSTEM, now, {"decide_by": promotion.decide_by.isoformat()})
-            _close_alert(session, promotion, f"draft {promotion.promotion_id} expired undecided", now)
+            _decided(session, promotion, f"draft {promotion.promotion_id} expired undecided", now)
             done.expired.append(promotion.promotion_id)
     stores: set[str] = set()
-    for promotion in session.scalars(select(Promotion).where(Promotion.status == ACTIVE, Promotion.ends_at <= now)):
+    ending = session.scalars(
+        select(Promotion)
+        .where(Promotion.status == ACTIVE, Promotion.ends_at <= now)
+        .order_by(Promotion.store_id, Promotion.id)  # locks in one order: two housekeepers never deadlock
+    ).all()
+    for promotion in ending:
+        lock_store_set(session=session, store_id=promotion.store_id)
         if _move(session, promotion, ACTIVE, {"status": ENDED, "ended_at": promotion.ends_at}):
             _audit(session, promotion, "ended", ACTIVE, SYSTEM, now, {})
             done.ended.append(promotion.promotion_id)
@@ -325,31 +353,28 @@ def promotion_json(promotion: Promotion) -> dict[str, Any]:
 
 
 def new_set(*, session: Session, store_id: str, reason: str, now: datetime) -> PromotionSet:
-    """Store the next version of the store's active promotions (unpublished until a publisher sends it)."""
+    """Store the next version of the store's active promotions (unpublished until a publisher sends it).
+
+    Version and content are both read under the store's lock, so the newest version always holds
+    exactly the promotions active once every decision before it committed.
+    """
+    lock_store_set(session=session, store_id=store_id)
     active = session.scalars(
         select(Promotion)
         .where(Promotion.store_id == store_id, Promotion.status == ACTIVE)
         .order_by(Promotion.starts_at, Promotion.promotion_id)
+        .execution_options(populate_existing=True)
     ).all()
-    for _attempt in range(5):
-        version = (
-            session.scalar(select(func.max(PromotionSet.version)).where(PromotionSet.store_id == store_id)) or 0
-        ) + 1
-        content = {
-            "store_id": store_id, "version": version, "generated_at": now.isoformat(),
-            "promotions": [promotion_json(p) for p in active],
-        }  # fmt: skip
-        row = PromotionSet(store_id=store_id, version=version, content=content, reason=reason[:200], created_at=now)
-        try:
-            # Two decisions for one store at once: the unique (store, version) makes the second retry.
-            with session.begin_nested():
-                session.add(row)
-                session.flush()
-        except IntegrityError:
-            continue
-        forget_cached_sets(store_id)
-        return row
-    raise PromotionError(f"store_id: could not allocate a promotion-set version for {store_id}", 503)
+    version = (session.scalar(select(func.max(PromotionSet.version)).where(PromotionSet.store_id == store_id)) or 0) + 1
+    content = {
+        "store_id": store_id, "version": version, "generated_at": now.isoformat(),
+        "promotions": [promotion_json(p) for p in active],
+    }  # fmt: skip
+    row = PromotionSet(store_id=store_id, version=version, content=content, reason=reason[:200], created_at=now)
+    session.add(row)
+    session.flush()
+    forget_cached_sets(store_id)
+    return row
 
 
 def current_set(*, session: Session, store_id: str) -> dict[str, Any]:
@@ -400,31 +425,51 @@ def publish_pending(
 
 
 # Scans ask for a store's active promotions many times a second; the set changes a few times a
-# day. Sets are cached per process for a short time and dropped when this process stores one.
-_set_cache: dict[tuple[int, str], tuple[float, dict[str, list[dict[str, Any]]]]] = {}
+# day. Sets are cached per process for a short time (promotions_cache_s) and dropped when this
+# process stores one. Bounded: a process serving the whole chain keeps the busiest stores only.
+SET_CACHE_STORES = 1024
+SetsBySku = dict[str, list[dict[str, Any]]]
+_set_caches: dict[float, TTLCache[tuple[int, str], SetsBySku]] = {}  # one per time-to-live in use (one)
 _set_cache_lock = threading.Lock()
+
+
+def _set_cache(ttl_s: float) -> TTLCache[tuple[int, str], SetsBySku]:
+    cache = _set_caches.get(ttl_s)
+    if cache is None:
+        cache = _set_caches.setdefault(ttl_s, TTLCache(maxsize=SET_CACHE_STORES, ttl=ttl_s))
+    return cache
 
 
 def forget_cached_sets(store_id: str | None = None) -> None:
     with _set_cache_lock:
-        for key in [k for k in _set_cache if store_id is None or k[1] == store_id]:
-            del _set_cache[key]
+        for cache in _set_caches.values():
+            for key in [k for k in list(cache) if store_id is None or k[1] == store_id]:
+                cache.pop(key, None)
+
+
+def cached_set_count() -> int:
+    """How many stores' sets this process holds (expired ones are not counted)."""
+    with _set_cache_lock:
+        for cache in _set_caches.values():
+            cache.expire()
+        return sum(len(cache) for cache in _set_caches.values())
 
 
 def active_for_sku(*, session: Session, store_id: str, sku: str, ttl_s: float = 2.0) -> list[dict[str, Any]]:
     """The store's active promotions that apply to `sku`, as in the newest set."""
     key = (id(session.get_bind()), store_id)
-    now = time.monotonic()
-    hit = _set_cache.get(key)
-    if hit is None or now - hit[0] > ttl_s:
+    with _set_cache_lock:
+        cache = _set_cache(ttl_s)
+        hit = cache.get(key)
+    if hit is None:
         by_sku: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for promotion in current_set(session=session, store_id=store_id)["promotions"]:
             for code in promotion["skus"]:
                 by_sku[code].append(promotion)
-        hit = (now, dict(by_sku))
+        hit = dict(by_sku)
         with _set_cache_lock:
-            _set_cache[key] = hit
-    return hit[1].get(sku, [])
+            cache[key] = hit
+    return hit.get(sku, [])
 
 
 # --- acknowledgements and execution --------------------------------------------------------
