@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from ingest import audit
 from ingest.models import ConsultationStep, Footfall, Receipt, Region, Sensor, Staff, StockSnapshot, Store
+from ingest.settings import get_settings
 from ingest.timeseries import business_window
 from store_rules.alerts.definitions import (
     LEVEL_ROLE,
@@ -52,6 +53,7 @@ from store_rules.counter import mask_name
 from store_rules.definitions import active_flow
 from store_rules.flow import Consultation, StepRecord
 from store_rules.metrics import Ratio, store_days
+from store_rules.promotion_events import PromotionDecided, on_promotion_decided
 from store_rules.promotions import service as promotions
 from store_rules.promotions.models import Promotion
 from store_rules.promotions.templates import stored_template
@@ -193,6 +195,29 @@ def last_seen(*, session: Session, rule: SilenceRule, store: Store, day: date) -
         return seen
     latest = session.scalar(select(func.max(table.occurred_at)).where(*conditions))
     return {None: latest.astimezone(tz).date() if latest else None}
+
+
+def never_reported(
+    *, session: Session, store: Store, sensor_ids: Sequence[str], before: datetime
+) -> dict[str, datetime | None]:
+    """Of `sensor_ids`, the store's counters without a single footfall record before `before` → when registered."""
+    if not sensor_ids:
+        return {}
+    reported = (
+        select(Footfall.sensor_id)
+        .where(
+            Footfall.store_id == store.store_id,
+            Footfall.sensor_id == Sensor.sensor_id,
+            Footfall.occurred_at < before,
+        )
+        .exists()
+    )
+    rows = session.execute(
+        select(Sensor.sensor_id, Sensor.registered_at).where(
+            Sensor.store_id == store.store_id, Sensor.sensor_id.in_(list(sensor_ids)), ~reported
+        )
+    ).all()
+    return {sensor: registered for sensor, registered in rows}
 
 
 def failed_insurance_checks(*, session: Session, store: Store, first: date, last: date) -> list[dict[str, Any]]:
@@ -344,6 +369,15 @@ def _summary(rule: AnyRule, store_name: dict[str, str], verdict: Verdict) -> dic
     if rule.type in STOCK_SUMMARIES:
         return STOCK_SUMMARIES[rule.type](store_name, values)
     zh, en = SOURCE_NAMES[values["source"]]
+    if "never_reported" in values:
+        counters = values["never_reported"]
+        since = values["registered_on"] or "—"
+        en = "counter {} never reported since it was registered" if len(counters) == 1 else (
+            "counters {} never reported since they were registered")  # fmt: skip
+        return {
+            "zh-CN": f"{store_name['zh-CN']} 客流计 {'、'.join(counters)} 自登记（{since}）以来从未上报数据",
+            "en": f"{store_name['en']}: footfall {en.format(', '.join(counters))} ({since})",
+        }
     subject = f" {verdict.subject}" if verdict.subject else ""
     seen = values["last_seen"] or "—"
     return {
@@ -356,7 +390,13 @@ def _summary(rule: AnyRule, store_name: dict[str, str], verdict: Verdict) -> dic
 
 
 def _candidates_for_store(
-    session: Session, rule: AnyRule, store: Store, day: date, source: MetricSource, as_of: datetime | None
+    session: Session,
+    rule: AnyRule,
+    store: Store,
+    day: date,
+    source: MetricSource,
+    as_of: datetime | None,
+    counter_grace: timedelta,
 ) -> list[Candidate]:
     names = {"zh-CN": store.name_zh, "en": store.name_en}
     verdicts: list[Verdict]
@@ -377,7 +417,20 @@ def _candidates_for_store(
     else:
         silence = silence_rule_for(rule)
         assert silence is not None and isinstance(rule, SilenceRule)
-        verdicts = silence.evaluate(last_seen(session=session, rule=rule, store=store, day=day), day)
+        seen = last_seen(session=session, rule=rule, store=store, day=day)
+        overdue: dict[str, date | None] | None = None
+        if rule.params.per == "sensor":
+            tz = ZoneInfo(store.timezone)
+            _, end = business_window(day, tz)
+            silent = [sensor for sensor, at in seen.items() if at is None and sensor is not None]
+            unreported = never_reported(session=session, store=store, sensor_ids=silent, before=end)
+            moment = as_of or close_of(day, tz)
+            overdue = {}
+            for sensor, registered_at in unreported.items():
+                del seen[sensor]
+                if registered_at is None or registered_at + counter_grace <= moment:
+                    overdue[sensor] = registered_at.astimezone(tz).date() if registered_at else None
+        verdicts = silence.evaluate(seen, day, overdue)
     out = []
     for verdict in verdicts:
         out.append(
@@ -407,14 +460,18 @@ def evaluate_day(
     sink: AlertSink,
     source: MetricSource,
     as_of: datetime | None = None,
+    counter_grace: timedelta | None = None,
 ) -> EvaluationReport:
     """One rule at the close of one business day, for the given stores.
 
-    Stock rules read the stock as of `as_of` (live: now) or else as of the close of the day.
+    Stock rules read the stock as of `as_of` (live: now) or else as of the close of the day, and
+    so do silence rules judge a counter that never reported against its grace period
+    (`counter_grace`, by default the setting counter_grace_hours).
     """
+    grace = counter_grace if counter_grace is not None else timedelta(hours=get_settings().counter_grace_hours)
     report = EvaluationReport(rule.id)
     for store in stores:
-        for candidate in _candidates_for_store(session, rule, store, day, source, as_of):
+        for candidate in _candidates_for_store(session, rule, store, day, source, as_of, grace):
             report.evaluated += 1
             verdict = candidate.verdict
             if verdict.cleared:
@@ -435,6 +492,7 @@ def evaluate_rule(
     store_ids: Iterable[str] | None = None,
     channels: ChannelSet | None = None,
     source: MetricSource | None = None,
+    counter_grace: timedelta | None = None,
 ) -> EvaluationReport:
     """Evaluate a rule live: each store at the close of its last business day (or of `day`).
 
@@ -453,7 +511,7 @@ def evaluate_rule(
             source.preload([s.store_id for s in stores], when - timedelta(days=metric_rule.lookback_days), when)
         report = evaluate_day(
             session=session, rule=rule, stores=stores, day=when, sink=sink, source=source,
-            as_of=now if day is None else None,
+            as_of=now if day is None else None, counter_grace=counter_grace,
         )  # fmt: skip
         total.evaluated += report.evaluated
         total.raised += report.raised
@@ -537,6 +595,16 @@ class DatabaseSink:
         )  # fmt: skip
 
     def raise_alert(self, candidate: Candidate) -> bool:
+        # The draft and its alert stand or fall together: when another evaluation (or an earlier
+        # one, for the same window) already raised the alert, the draft made for it is undone.
+        savepoint = self.session.begin_nested()
+        if self._raise(candidate):
+            savepoint.commit()
+            return True
+        savepoint.rollback()
+        return False
+
+    def _raise(self, candidate: Candidate) -> bool:
         rule, verdict = candidate.rule, candidate.verdict
         assert verdict.window_start is not None and verdict.window_end is not None
         drafted = self._draft(candidate)
@@ -597,6 +665,16 @@ def resolve_by_system(*, session: Session, alert_id: int, note: str, now: dateti
     """Resolve an alert whose cause went away (e.g. its promotion draft was decided); False if already resolved."""
     alert = session.get(Alert, alert_id)
     return alert is not None and _resolve(session, alert, SYSTEM, note, now)
+
+
+def close_drafting_alert(session: Session, event: PromotionDecided) -> None:
+    """A draft was approved, rejected or expired: the alert that made it has been answered."""
+    if event.alert_id is not None:
+        resolve_by_system(session=session, alert_id=event.alert_id, note=event.note, now=event.at)
+
+
+# The promotion side emits its decisions; this side answers them (promotions never import alerts).
+on_promotion_decided("alerts.close_drafting_alert", close_drafting_alert)
 
 
 def get_alert(*, session: Session, alert_id: int) -> Alert:
@@ -699,17 +777,29 @@ def list_alerts(
 
 @dataclass(frozen=True)
 class Timeliness:
-    """预警响应及时率 = alerts acknowledged within 24 h ÷ alerts raised, for alerts raised in [since, until)."""
+    """预警响应及时率 = alerts acknowledged within 24 h ÷ alerts raised, for alerts raised in [since, until).
+
+    An alert not acknowledged yet whose 24 h are not over is neither in time nor late: it is
+    pending, counted apart and left out of the ratio until it is acknowledged or its time runs out.
+    """
 
     chain: Ratio
     by_region: dict[str, Ratio]
     by_store: dict[str, Ratio]
     region_names: dict[str, dict[str, str]]
+    pending: int = 0  # chain-wide, in the selection
 
 
 def response_timeliness(
-    *, session: Session, since: datetime, until: datetime, region_id: str | None = None, store_id: str | None = None
+    *,
+    session: Session,
+    since: datetime,
+    until: datetime,
+    region_id: str | None = None,
+    store_id: str | None = None,
+    now: datetime | None = None,
 ) -> Timeliness:
+    now = now or datetime.now(UTC)
     query = select(Alert.store_id, Alert.region_id, Alert.raised_at, Alert.acknowledged_at).where(
         Alert.raised_at >= since, Alert.raised_at < until
     )
@@ -718,7 +808,11 @@ def response_timeliness(
     if store_id:
         query = query.where(Alert.store_id == store_id)
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    pending = 0
     for store, region, raised_at, acknowledged_at in session.execute(query):
+        if acknowledged_at is None and now - raised_at < ACK_WINDOW:
+            pending += 1
+            continue
         in_time = acknowledged_at is not None and acknowledged_at - raised_at <= ACK_WINDOW
         for key in (("store", store), ("region", region), ("chain", "")):
             counts[key][0] += int(in_time)
@@ -732,4 +826,5 @@ def response_timeliness(
         by_region={k: Ratio(*v) for (kind, k), v in sorted(counts.items()) if kind == "region"},
         by_store={k: Ratio(*v) for (kind, k), v in sorted(counts.items()) if kind == "store"},
         region_names={k: {"zh-CN": zh, "en": en} for k, (zh, en) in regions.items()},
+        pending=pending,
     )
