@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     notify_backoff_max_s: float = Field(default=600.0, gt=0)
     notify_max_attempts: int = Field(default=10, ge=1)
     notify_interval_s: float = Field(default=5.0, gt=0, description="how often the scheduler delivers")
+    # A claim on a notification lasts this long; each send renews it, so it must outlast one send (10 s).
+    notify_lease_s: float = Field(default=120.0, gt=10, description="how long a delivery claim holds")
+    # A footfall counter that never reported is alerted on once this long after it was registered.
+    counter_grace_hours: float = Field(default=24.0, ge=0, description="grace period of a new counter")
     # How approved promotions reach tills: "auto" (MQTT when mqtt_url is set, else HTTP only),
     # "mqtt" or "http_only" (tills poll GET /api/v1/stores/{id}/promotions).
     promotion_publisher: str = "auto"
