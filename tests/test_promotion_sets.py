@@ -5,9 +5,9 @@ newest set that holds every live promotion; the scan-time cache of sets is bound
 from __future__ import annotations
 
 import threading
-from itertools import pairwise
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 import pytest
