@@ -1,9 +1,7 @@
 """The alert API: list, detail, acknowledge, resolve, response timeliness.
 
-People authenticate with their personal token. A supervisor works the alerts of the own
-region, a manager reads the own store's, headquarters and admins see the chain. Customer
-names in the evidence are shown in full only to the store's people and the region's supervisor
-(and never in notifications); headquarters and everyone else get them masked.
+People authenticate with their personal token. Who sees and acknowledges which alert, and
+who gets the evidence's customer names and symptoms unmasked, is `dashboard.permissions`.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dashboard.deps import bearer_token, get_db_engine
+from dashboard.permissions import PersonPermissions, of_person
 from ingest.db import session_scope
 from ingest.models import Store
 from ingest.users import Principal, authenticate_user
@@ -52,15 +51,15 @@ class NoteIn(BaseModel):
     note: str | None = Field(default=None, max_length=2000)
 
 
-def alert_json(alert: Alert, full_evidence: bool) -> dict[str, Any]:
+def alert_json(alert: Alert, may: PersonPermissions) -> dict[str, Any]:
     return {
         "alert_id": alert.id, "rule_id": alert.rule_id, "rule_version": alert.rule_version, "type": alert.rule_type,
         "severity": alert.severity, "store_id": alert.store_id, "region_id": alert.region_id,
         "subject": alert.subject, "window": [alert.window_start.isoformat(), alert.window_end.isoformat()],
         "status": alert.status, "level": alert.level, "role": alert.role, "summary": alert.summary,
         "values": alert.values,
-        "evidence": alert.evidence if full_evidence else service.masked_evidence(alert.evidence or []),
-        "evidence_masked": not full_evidence,
+        "evidence": may.evidence(alert),
+        "evidence_masked": not may.evidence_unmasked(alert),
         "raised_at": alert.raised_at.isoformat(),
         "acknowledged_at": alert.acknowledged_at.isoformat() if alert.acknowledged_at else None,
         "acknowledged_by": alert.acknowledged_by,
@@ -75,29 +74,15 @@ def list_scope(session: Session, user: Principal, store_id: str | None) -> tuple
 
     Asking for a store outside the caller's scope is refused (403), not answered with an empty list.
     """
-    store_ids: list[str] | None = None
-    region_id = user.region_id if user.role == "supervisor" else None
-    if not user.chain_wide and user.role != "supervisor":
-        store_ids = [user.store_id or ""]
+    may = of_person(user)
+    scope = may.scope()
+    store_ids, region_id = scope.store_ids, scope.region_id
     if store_id is not None:
         store = session.get(Store, store_id)
-        if store is None or not user.sees_store(store.store_id, store.region_id):
+        if store is None or not may.sees_store(store.store_id, store.region_id):
             raise HTTPException(403, detail=f"store_id: store {store_id!r} is outside your scope")
         store_ids = [store_id]
     return store_ids, region_id
-
-
-def may_act(user: Principal, alert: Alert) -> bool:
-    """Acknowledging and resolving: the level's people (and those above), in their scope."""
-    if user.chain_wide:
-        return True
-    if user.role == "supervisor":
-        return alert.region_id == user.region_id
-    return user.role == "manager" and alert.store_id == user.store_id and alert.level == "store"
-
-
-def _visible(user: Principal, alert: Alert) -> bool:
-    return user.sees_store(alert.store_id, alert.region_id)
 
 
 def _forbidden(alert_id: int) -> HTTPException:
@@ -114,7 +99,8 @@ def alerts_list(
         rows = service.list_alerts(
             session=session, status=status, store_ids=store_ids, region_id=region_id, limit=min(limit, 1000)
         )
-        return {"alerts": [alert_json(a, full_evidence=user.sees_customers(a.store_id, a.region_id)) for a in rows]}
+        may = of_person(user)
+        return {"alerts": [alert_json(a, may) for a in rows]}
 
 
 def chain_days(request: Request, first: date | None, last: date | None) -> tuple[date, date, datetime, datetime]:
@@ -137,8 +123,8 @@ def alerts_timeliness(
     """预警响应及时率 (acknowledged within 24 h ÷ raised) for alerts raised in [from, to], chain time zone."""
     first, last, since, until = chain_days(request, from_, to)
     with session_scope(request.app.state.engine) as session:
-        region_id = user.region_id if user.role == "supervisor" else None
-        store_id = user.store_id if user.role in ("staff", "manager") else None
+        may = of_person(user)
+        region_id, store_id = may.home_region_id, may.home_store_id
         result = service.response_timeliness(
             session=session, since=since, until=until, region_id=region_id, store_id=store_id
         )
@@ -162,9 +148,10 @@ def alert_detail(alert_id: int, request: Request, user: User) -> dict[str, Any]:
             alert = service.get_alert(session=session, alert_id=alert_id)
         except service.AlertError as exc:
             raise HTTPException(exc.status, detail=str(exc)) from None
-        if not _visible(user, alert):
+        may = of_person(user)
+        if not may.sees_alert(alert):
             raise _forbidden(alert_id)
-        body = alert_json(alert, full_evidence=user.sees_customers(alert.store_id, alert.region_id))
+        body = alert_json(alert, may)
         body["transitions"] = [
             {"at": t.at.isoformat(), "action": t.action, "from": t.from_status, "to": t.to_status, "actor": t.actor,
              "note": t.note}
@@ -177,13 +164,14 @@ def _transition(request: Request, user: User, alert_id: int, note: str | None, a
     with session_scope(request.app.state.engine) as session:
         try:
             alert = service.get_alert(session=session, alert_id=alert_id)
-            if not _visible(user, alert) or not may_act(user, alert):
+            may = of_person(user)
+            if not may.sees_alert(alert) or not may.may_act_on_alert(alert):
                 raise _forbidden(alert_id)
             change = service.acknowledge if action == "acknowledge" else service.resolve
             alert = change(session=session, alert_id=alert_id, user_id=user.user_id, note=note)
         except service.AlertError as exc:
             raise HTTPException(exc.status, detail=str(exc)) from None
-        return alert_json(alert, full_evidence=user.sees_customers(alert.store_id, alert.region_id))
+        return alert_json(alert, may)
 
 
 @router.post("/alerts/{alert_id}/ack")

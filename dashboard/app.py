@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.engine = engine or get_engine(settings.effective_database_url)
     app.state.publisher = None  # set while the server runs (lifespan)
+    app.state.login_throttle = auth.LoginThrottle(settings.login_rate_limit)
     app.include_router(api.router)
     app.include_router(pos.router)
     app.include_router(alerts.router)

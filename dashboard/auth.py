@@ -4,20 +4,34 @@ The session cookie is HttpOnly and SameSite=Lax, Secure behind TLS (the request'
 `X-Forwarded-Proto`, or STOREPULSE_COOKIE_SECURE), and a new one is issued at every login.
 Every form that changes state carries the session's CSRF token; the login form itself uses a
 double-submit token (a cookie and a hidden field that must match). Nothing changes on GET.
+
+A refused sign-in never tells why: an unknown user, a wrong password, a locked or a disabled
+account all get the same page (the lockout is per account, `ingest.users`). Beside it, each
+client address may try `STOREPULSE_LOGIN_RATE_LIMIT` times (default 20 a minute); beyond that
+the answer is 429 with Retry-After. The address is the connection's peer: uvicorn replaces it
+with X-Forwarded-For only when the peer is a trusted proxy (FORWARDED_ALLOW_IPS, by default
+loopback), so a client cannot pick its own address. X-Forwarded-Proto is trusted the same way
+for the Secure flag, where a forged value could only make the sender's own cookie stricter.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
+import time
 from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import Engine
 
 from dashboard.deps import get_db_engine
+from dashboard.rendering import render
 from ingest.db import session_scope
 from ingest.users import SESSION_TTL, PageSession, login, logout, session_user
 
@@ -36,7 +50,23 @@ class LoginRequired(Exception):
 
 
 def client_ip(request: Request) -> str | None:
+    """The client's address: the peer, or what a trusted proxy forwarded (uvicorn's proxy headers)."""
     return request.client.host if request.client else None
+
+
+class LoginThrottle:
+    """Sign-in attempts per client address, in a moving window kept in this process's memory."""
+
+    def __init__(self, rate: str) -> None:
+        self.rate = parse(rate)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def attempt(self, address: str) -> float | None:
+        """Count one attempt; None when allowed, else the seconds until the next one is."""
+        if self._limiter.hit(self.rate, "login", address):
+            return None
+        reset_at = self._limiter.get_window_stats(self.rate, "login", address).reset_time
+        return max(reset_at - time.time(), 1.0)
 
 
 def secure_cookies(request: Request) -> bool:
@@ -86,14 +116,14 @@ def login_redirect(next_path: str) -> RedirectResponse:
     return RedirectResponse(f"/login?next={quote(next_path, safe='/')}", status_code=303)
 
 
-def _login_form(request: Request, *, error: str | None = None, status_code: int = 200) -> HTMLResponse:
-    from dashboard.pages import render
-
+def _login_form(
+    request: Request, *, error: str | None = None, status_code: int = 200, headers: dict[str, str] | None = None
+) -> HTMLResponse:
     csrf = secrets.token_urlsafe(32)
     next_path = safe_next(request.query_params.get("next"))
     response = render(
         request, "login.html", {"csrf_token": csrf, "next": next_path, "error": error, "user": None},
-        status_code=status_code,
+        status_code=status_code, headers=headers,
     )  # fmt: skip
     response.set_cookie(
         LOGIN_CSRF_COOKIE, csrf, max_age=3600, httponly=True, samesite="strict", secure=secure_cookies(request)
@@ -106,12 +136,9 @@ def login_page(request: Request) -> HTMLResponse:
     return _login_form(request)
 
 
-def _login(engine: Engine, user_id: str, password: str, ip: str | None) -> tuple[str | None, str | None]:
+def _login(engine: Engine, user_id: str, password: str, ip: str | None) -> str | None:
     with session_scope(engine) as session:
-        result = login(session=session, user_id=user_id, password=password, ip=ip)
-    if result.session_token is not None:
-        return result.session_token, None
-    return None, result.refused
+        return login(session=session, user_id=user_id, password=password, ip=ip).session_token
 
 
 @router.post("/login", response_model=None)
@@ -122,14 +149,17 @@ async def login_submit(
     csrf_token: Annotated[str, Form(max_length=100)] = "",
     next: Annotated[str, Form(max_length=500)] = "/",
 ) -> Response:
+    retry_after = request.app.state.login_throttle.attempt(client_ip(request) or "unknown")
+    if retry_after is not None:
+        wait = str(math.ceil(retry_after))
+        return _login_form(request, error="login_throttled", status_code=429, headers={"Retry-After": wait})
     expected = request.cookies.get(LOGIN_CSRF_COOKIE)
     if not expected or not csrf_token or not secrets.compare_digest(expected, csrf_token):
         return _login_form(request, error="login_csrf", status_code=403)
-    token, refused = await run_in_threadpool(
-        _login, request.app.state.engine, user_id.strip(), password, client_ip(request)
-    )
+    token = await run_in_threadpool(_login, request.app.state.engine, user_id.strip(), password, client_ip(request))
     if token is None:
-        return _login_form(request, error="login_locked" if refused == "locked" else "login_invalid", status_code=401)
+        # The same answer whatever the reason, so the form does not tell which accounts exist.
+        return _login_form(request, error="login_refused", status_code=401)
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE, token, max_age=int(SESSION_TTL.total_seconds()), httponly=True, samesite="lax",

@@ -62,10 +62,16 @@ MESSAGES: dict[str, dict[str, str]] = {
     "logout": {ZH: "退出", EN: "Sign out"},
     "user_id": {ZH: "用户名", EN: "User name"},
     "password": {ZH: "密码", EN: "Password"},
-    "login_invalid": {ZH: "用户名或密码不正确。", EN: "Wrong user name or password."},
-    "login_locked": {
-        ZH: "密码错误次数过多，账户已暂时锁定，请 15 分钟后再试。",
-        EN: "Too many wrong passwords: the account is locked for 15 minutes.",
+    # One message for every refusal (unknown user, wrong password, locked, disabled): it must not
+    # tell which accounts exist.
+    "login_refused": {
+        ZH: "无法登录：用户名或密码不正确，或账户因多次输错已暂时锁定（15 分钟）。",
+        EN: "Could not sign in: wrong user name or password, or the account is locked for 15 minutes "
+        "after repeated wrong passwords.",
+    },
+    "login_throttled": {
+        ZH: "此地址的登录尝试过于频繁，请稍后再试。",
+        EN: "Too many sign-in attempts from this address; please wait a minute and try again.",
     },
     "login_csrf": {ZH: "登录表单已过期，请重新提交。", EN: "The sign-in form expired; please submit it again."},
     "forbidden": {ZH: "无权访问", EN: "Not allowed"},
@@ -142,6 +148,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "level": {ZH: "当前处理人", EN: "With"},
     "evidence": {ZH: "证据", EN: "Evidence"},
     "customer": {ZH: "顾客", EN: "Customer"},
+    "withheld": {ZH: "（不向总部显示）", EN: "(not shown chain-wide)"},
     "symptom_keywords": {ZH: "症状关键词", EN: "Symptom keywords"},
     "reason": {ZH: "原因", EN: "Reason"},
     "history": {ZH: "处理记录", EN: "History"},

@@ -14,9 +14,9 @@ from fastapi.responses import HTMLResponse
 from dashboard.alerts import list_scope
 from dashboard.auth import Page
 from dashboard.deps import DbSession
-from dashboard.pages import render
-from dashboard.promotions import may_decide
+from dashboard.permissions import of_person
 from dashboard.rankings import morning_day
+from dashboard.rendering import render
 from ingest import audit
 from ingest.models import Store
 from store_rules import counter
@@ -32,20 +32,26 @@ STATUSES = ("pending", "active", "rejected", "expired", "retracted", "ended")
 def trace_page(
     request: Request, store_id: str, receipt_id: str, session: DbSession, page: Page, terminal_id: str | None = None
 ) -> HTMLResponse:
-    """A sale followed back to its first contact: consultation steps, prompt answers, lines."""
+    """A sale followed back to its first contact: consultation steps, prompt answers, lines.
+
+    The customer's name and symptoms as the person may see them (`dashboard.permissions`).
+    """
     store = session.get(Store, store_id)
-    if store is None or not page.principal.sees_store(store.store_id, store.region_id):
+    may = of_person(page.principal)
+    if store is None or not may.sees_receipt(store.store_id, store.region_id):
         raise HTTPException(403 if store else 404, detail=f"store_id: store {store_id!r} is not yours to see")
     found = counter.trace(session=session, store_id=store_id, receipt_id=receipt_id, terminal_id=terminal_id)
     if found is None:
         raise HTTPException(404, detail=f"receipt_id: no receipt {receipt_id!r} in store {store_id!r}")
-    return render(request, "trace.html", {"trace": found, "store": store, "user": page})
+    seen = may.trace(found, store.store_id, store.region_id)
+    return render(request, "trace.html", {"trace": seen, "store": store, "user": page})
 
 
 @router.get("/promotions", response_class=HTMLResponse)
 def promotions_page(request: Request, session: DbSession, page: Page, status: str | None = None) -> HTMLResponse:
     """Promotions in the person's scope, newest first, with their execution rate."""
     store_ids, region_id = list_scope(session, page.principal, None)
+    may = of_person(page.principal)
     rows = promotions.list_promotions(
         session=session, status=status if status in STATUSES else None, store_ids=store_ids, region_id=region_id
     )
@@ -53,7 +59,7 @@ def promotions_page(request: Request, session: DbSession, page: Page, status: st
         {
             "promotion": p,
             "rate": promotions.execution(session=session, promotion=p).ratio,
-            "may_decide": may_decide(page.principal, p),
+            "may_decide": may.may_decide_promotion(p),
         }
         for p in rows
     ]
@@ -61,7 +67,7 @@ def promotions_page(request: Request, session: DbSession, page: Page, status: st
 
 
 def _rules_reader(page: Page) -> None:
-    if not (page.principal.chain_wide or page.principal.role == "supervisor"):
+    if not of_person(page.principal).sees_rules:
         raise HTTPException(403, detail="the rules are for supervisors and headquarters")
 
 
@@ -101,8 +107,9 @@ def rule_page(
                 results = backtest(session=session, rule=rule, first=first, last=last)
             except ValueError as exc:
                 error = str(exc)
-        if results is not None and not page.principal.chain_wide:
-            results = [a for a in results if page.principal.sees_store(a.store_id, _region_of(session, a.store_id))]
+        may = of_person(page.principal)
+        if results is not None and not may.chain_wide:
+            results = [a for a in results if may.sees_store(a.store_id, _region_of(session, a.store_id))]
     context = {
         "rule": rule, "versions": rule_versions(session=session, rule_id=rule_id), "first": first, "last": last,
         "results": results, "error": error, "user": page,
@@ -118,7 +125,7 @@ def _region_of(session: DbSession, store_id: str) -> str:
 @router.get("/admin/audit", response_class=HTMLResponse)
 def audit_page(request: Request, session: DbSession, page: Page, actor: str | None = None) -> HTMLResponse:
     """The audit log (logins, approvals, acknowledgements, rule changes): admins and headquarters."""
-    if not page.principal.chain_wide:
+    if not of_person(page.principal).sees_audit_log:
         raise HTTPException(403, detail="the audit log is for admins and headquarters")
     entries = audit.entries(session=session, actor=actor or None, limit=500)
     return render(request, "audit.html", {"entries": entries, "actor": actor or "", "user": page})

@@ -10,24 +10,21 @@ as totals, headquarters and admins the chain.
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import jinja2
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dashboard.auth import Page, check_csrf
-from dashboard.deps import DbSession
-from dashboard.i18n import COOKIE, Translator, choose_language, normalise_language
-from dashboard.promotions import may_decide, publish_store
+from dashboard.deps import DbSession, Now
+from dashboard.permissions import PersonPermissions, of_person
+from dashboard.promotions import publish_store
 from dashboard.rankings import (
     NAMES,
     RATIO_KEYS,
@@ -38,11 +35,11 @@ from dashboard.rankings import (
     sort_ranking,
     store_ranking,
 )
+from dashboard.rendering import render
 from dashboard.store_today import chain_today, store_today
 from ingest.db import session_scope
 from ingest.models import Staff, Store
-from ingest.users import PageSession, Principal
-from store_rules.counter import mask_name
+from ingest.users import PageSession
 from store_rules.definitions import cached_skus
 from store_rules.metrics import Ratio, prompt_answer_distribution, staff_compliance
 from store_rules.promotions import service as promotions
@@ -50,53 +47,16 @@ from store_rules.promotions.templates import plain, stored_template
 from store_rules.rollups import store_day_values
 from store_rules.stock import stock_risks
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
-REFRESH_MS = 3000
 PERIODS = (7, 30, 90)
 
 router = APIRouter(include_in_schema=False)
-
-templates = Jinja2Templates(
-    env=jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-)
-
-
-def translator_of(request: Request) -> Translator:
-    return Translator(
-        choose_language(
-            request.query_params.get("lang"), request.cookies.get(COOKIE), request.headers.get("accept-language")
-        )
-    )
-
-
-def render(request: Request, template: str, context: dict[str, Any], *, status_code: int = 200) -> HTMLResponse:
-    """A page in the request's language; `context["user"]` is the signed-in page session or None."""
-    t = translator_of(request)
-    response = templates.TemplateResponse(
-        request,
-        template,
-        {"t": t, "path": request.url.path, "refresh_ms": REFRESH_MS, **context},
-        status_code=status_code,
-        headers={"Cache-Control": "no-store"},
-    )
-    # ?lang= is a switch: remember it for the next pages and for the live fragments.
-    chosen = normalise_language(request.query_params.get("lang"))
-    if chosen is not None and chosen != request.cookies.get(COOKIE):
-        response.set_cookie(COOKIE, chosen, max_age=365 * 24 * 3600, samesite="lax")
-    return response
 
 
 @router.get("/", response_model=None)
 def chain_page(request: Request, session: DbSession, page: Page) -> Response:
     """Every region and store with today's figures; a store's people go to their store."""
-    if not page.principal.chain_wide and page.principal.role != "supervisor":
-        return RedirectResponse(f"/stores/{page.principal.store_id}", status_code=303)
+    if not of_person(page.principal).sees_chain:
+        return RedirectResponse(f"/stores/{of_person(page.principal).home_store_id}", status_code=303)
     timezone = request.app.state.settings.timezone
     chain = chain_today(session=session, timezone=timezone)
     return render(request, "chain.html", {"chain": chain, "user": page, **chain_period(request, session, page)})
@@ -119,9 +79,9 @@ def chain_period(request: Request, session: Session, page: PageSession) -> dict[
     days_in_period = [first + timedelta(days=n) for n in range(period)]
     values = store_day_values(session=session, stores=stores, days=days_in_period)
     everything = store_ranking(session=session, first=first, last=last, timezone=timezone, values=values)
-    principal = page.principal
-    mine = [r for r in everything if principal.sees_store(r.store.store_id, r.store.region_id)]
-    store_ids = None if principal.chain_wide else [r.store.store_id for r in mine]
+    may = of_person(page.principal)
+    mine = [r for r in everything if may.sees_store(r.store.store_id, r.store.region_id)]
+    store_ids = None if may.chain_wide else [r.store.store_id for r in mine]
     series = daily_series(
         session=session, first=first, last=last, timezone=timezone, store_ids=store_ids, values=values
     )
@@ -145,7 +105,7 @@ def chain_period(request: Request, session: Session, page: PageSession) -> dict[
 @router.get("/live", response_class=HTMLResponse)
 def chain_live(request: Request, session: DbSession, page: Page) -> HTMLResponse:
     """The chain table alone, for the page to refresh itself."""
-    if not page.principal.chain_wide and page.principal.role != "supervisor":
+    if not of_person(page.principal).sees_chain:
         raise HTTPException(403, detail="the chain overview is for supervisors and headquarters")
     chain = chain_today(session=session, timezone=request.app.state.settings.timezone)
     return render(request, "_chain_live.html", {"chain": chain, "user": page})
@@ -159,30 +119,34 @@ def _store_view(
     template: str,
     fragment: bool,
     *,
+    now: datetime,
     message: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
     """A store's page or live fragment, if the store exists and is in the person's scope."""
-    today = store_today(session=session, store_id=store_id)
+    today = store_today(session=session, store_id=store_id, now=now)
     if today is None:
         missing = "_not_found.html" if fragment else "404.html"
         return render(request, missing, {"store_id": store_id, "user": page}, status_code=404)
-    if not page.principal.sees_store(today.store.store_id, today.store.region_id):
+    may = of_person(page.principal)
+    store = today.store
+    if not may.sees_store(store.store_id, store.region_id):
         refused = "_forbidden.html" if fragment else "403.html"
         return render(request, refused, {"store_id": store_id, "user": page}, status_code=403)
-    if not page.principal.sees_customers(today.store.store_id, today.store.region_id):
-        today = dataclasses.replace(
-            today, latest=[dataclasses.replace(r, member_name=mask_name(r.member_name)) for r in today.latest]
-        )
+    if not may.sees_customer_names(store.store_id, store.region_id):
+        latest = [
+            dataclasses.replace(r, member_name=may.member_name(r.member_name, store.store_id, store.region_id))
+            for r in today.latest
+        ]
+        today = dataclasses.replace(today, latest=latest)
     context: dict[str, Any] = {"today": today, "user": page, "message": message}
     if not fragment:
-        context.update(store_panels(session, today.store, page.principal))
+        context.update(store_panels(session, today.store, may, now=now))
     return render(request, template, context, status_code=status_code)
 
 
-def store_panels(session: Session, store: Store, principal: Principal) -> dict[str, Any]:
+def store_panels(session: Session, store: Store, may: PersonPermissions, *, now: datetime) -> dict[str, Any]:
     """The manager's panels: drafts to decide, active promotions with the tills' versions, stock risks."""
-    now = datetime.now(UTC)
     pending = []
     for promotion in promotions.list_promotions(session=session, status="pending", store_ids=[store.store_id]):
         template = stored_template(
@@ -211,7 +175,7 @@ def store_panels(session: Session, store: Store, principal: Principal) -> dict[s
         "prompt_answers": prompt_answers,
         # Only the answered SKUs, from the counter's per-process SKU cache (not the whole catalogue).
         "sku_names": cached_skus(session, {d.sku for d in prompt_answers}),
-        "may_decide": principal.chain_wide or (principal.role == "manager" and principal.store_id == store.store_id),
+        "may_decide": may.may_decide_for_store(store.store_id),
         "pending": pending,
         "active": active,
         "set_version": promotions.current_set(session=session, store_id=store.store_id)["version"],
@@ -222,7 +186,8 @@ def store_panels(session: Session, store: Store, principal: Principal) -> dict[s
 
 def _decide(store_id: str, promotion_id: str, page: PageSession, session: Session, action: str, form: Any) -> None:
     promotion = promotions.get_promotion(session=session, promotion_id=promotion_id)
-    if promotion.store_id != store_id or not may_decide(page.principal, promotion):
+    may = of_person(page.principal)
+    if promotion.store_id != store_id or not may.sees_promotion(promotion) or not may.may_decide_promotion(promotion):
         raise HTTPException(403, detail=f"promotion_id: you may not decide promotion {promotion_id}")
     user_id = page.principal.user_id
     if action == "approve":
@@ -235,7 +200,7 @@ def _decide(store_id: str, promotion_id: str, page: PageSession, session: Sessio
 
 @router.post("/stores/{store_id}/promotions/{promotion_id}/{action}", response_model=None)
 async def store_promotion_decision(
-    request: Request, store_id: str, promotion_id: str, action: str, page: Page
+    request: Request, store_id: str, promotion_id: str, action: str, page: Page, now: Now
 ) -> HTMLResponse | RedirectResponse:
     """Approve (with the parameters of the form) or reject (with a reason) in one click from the store page."""
     if action not in ("approve", "reject"):
@@ -251,7 +216,15 @@ async def store_promotion_decision(
         except promotions.PromotionError as exc:
             with session_scope(engine) as session:
                 return _store_view(
-                    request, page, store_id, session, "store.html", False, message=str(exc), status_code=exc.status
+                    request,
+                    page,
+                    store_id,
+                    session,
+                    "store.html",
+                    False,
+                    now=now,
+                    message=str(exc),
+                    status_code=exc.status,
                 )
         if action == "approve":
             publish_store(request, store_id)
@@ -261,12 +234,12 @@ async def store_promotion_decision(
 
 
 @router.get("/stores/{store_id}", response_class=HTMLResponse)
-def store_page(request: Request, store_id: str, session: DbSession, page: Page) -> HTMLResponse:
+def store_page(request: Request, store_id: str, session: DbSession, page: Page, now: Now) -> HTMLResponse:
     """A store's business day so far: figures, hours and the latest receipts."""
-    return _store_view(request, page, store_id, session, "store.html", fragment=False)
+    return _store_view(request, page, store_id, session, "store.html", fragment=False, now=now)
 
 
 @router.get("/stores/{store_id}/live", response_class=HTMLResponse)
-def store_live(request: Request, store_id: str, session: DbSession, page: Page) -> HTMLResponse:
+def store_live(request: Request, store_id: str, session: DbSession, page: Page, now: Now) -> HTMLResponse:
     """The changing part of the store page, as an HTML fragment."""
-    return _store_view(request, page, store_id, session, "_store_live.html", fragment=True)
+    return _store_view(request, page, store_id, session, "_store_live.html", fragment=True, now=now)

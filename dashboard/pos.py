@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, Field
 
 from dashboard.deps import Device
+from dashboard.permissions import of_device
 from ingest.db import session_scope
 from store_rules import counter
 
@@ -64,7 +65,7 @@ class CheckoutIn(BaseModel):
 
 
 def own_store(device: Device, store_id: str) -> None:
-    if store_id != device.store_id:
+    if not of_device(device).sees_store(store_id):
         raise HTTPException(403, detail=f"store_id: this device token is for store {device.store_id!r}")
 
 
@@ -134,7 +135,7 @@ def pos_checkout(body: CheckoutIn, request: Request, device: Device) -> dict[str
 def receipt_trace(
     store_id: str, receipt_id: str, request: Request, device: Device, terminal_id: str | None = None
 ) -> dict[str, Any]:
-    """A sale followed back to its first contact (customer names masked).
+    """A sale followed back to its first contact (customer names masked, see `dashboard.permissions`).
 
     Receipt ids need only be unique per till: pass `terminal_id` when tills number independently.
     """
@@ -143,4 +144,4 @@ def receipt_trace(
         found = counter.trace(session=session, store_id=store_id, receipt_id=receipt_id, terminal_id=terminal_id)
     if found is None:
         raise HTTPException(404, detail=f"receipt_id: no receipt {receipt_id!r} in store {store_id!r}")
-    return found
+    return of_device(device).trace(found, store_id)

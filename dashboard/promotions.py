@@ -1,8 +1,9 @@
 """The promotion API: drafts and decisions for people, the store's set and acknowledgements for tills.
 
-People use their personal token. A store's manager decides the store's drafts; headquarters
-and admins decide any store's; everyone else in scope may read but not decide (403). Tills use
-their device token and only reach their own store.
+People use their personal token; who reads and who decides which promotion is
+`dashboard.permissions` (a store's manager the store's drafts, headquarters and admins any;
+everyone else in scope reads, 403 on a decision). Tills use their device token and only reach
+their own store.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from sqlalchemy import select
 
 from dashboard.alerts import User, chain_days, list_scope
 from dashboard.deps import Device
+from dashboard.permissions import of_person
 from dashboard.pos import own_store
 from ingest.db import session_scope
 from ingest.models import Store
 from ingest.service import AckError, record_promotion_ack
-from ingest.users import Principal
 from store_rules.promotions import service
 from store_rules.promotions.models import Promotion
 
@@ -61,17 +62,6 @@ def promotion_json(promotion: Promotion) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def may_decide(user: Principal, promotion: Promotion) -> bool:
-    """Only the manager of the promotion's store, or headquarters (and admins)."""
-    if user.chain_wide:
-        return True
-    return user.role == "manager" and user.store_id == promotion.store_id
-
-
-def _visible(user: Principal, promotion: Promotion) -> bool:
-    return user.sees_store(promotion.store_id, promotion.region_id)
-
-
 def _error(exc: service.PromotionError) -> HTTPException:
     return HTTPException(exc.status, detail=str(exc))
 
@@ -93,7 +83,8 @@ def promotions_list(
         rows = service.list_promotions(
             session=session, status=status, store_ids=store_ids, region_id=region_id, limit=min(limit, 1000)
         )
-        return {"promotions": [{**promotion_json(p), "may_decide": may_decide(user, p)} for p in rows]}
+        may = of_person(user)
+        return {"promotions": [{**promotion_json(p), "may_decide": may.may_decide_promotion(p)} for p in rows]}
 
 
 @router.get("/promotions/execution")
@@ -124,11 +115,12 @@ def promotion_detail(promotion_id: str, request: Request, user: User) -> dict[st
             promotion = service.get_promotion(session=session, promotion_id=promotion_id)
         except service.PromotionError as exc:
             raise _error(exc) from None
-        if not _visible(user, promotion):
+        may = of_person(user)
+        if not may.sees_promotion(promotion):
             raise HTTPException(403, detail=f"promotion_id: promotion {promotion_id} is outside your scope")
         rate = service.execution(session=session, promotion=promotion)
         body = promotion_json(promotion)
-        body["may_decide"] = may_decide(user, promotion)
+        body["may_decide"] = may.may_decide_promotion(promotion)
         body["audit"] = [
             {"at": a.at.isoformat(), "action": a.action, "from": a.from_status, "to": a.to_status, "actor": a.actor,
              "detail": a.detail}
@@ -147,7 +139,8 @@ def _decide(request: Request, user: User, promotion_id: str, action: str, body: 
     with session_scope(request.app.state.engine) as session:
         try:
             promotion = service.get_promotion(session=session, promotion_id=promotion_id)
-            if not _visible(user, promotion) or not may_decide(user, promotion):
+            may = of_person(user)
+            if not may.sees_promotion(promotion) or not may.may_decide_promotion(promotion):
                 raise HTTPException(
                     403,
                     detail=f"promotion_id: only the manager of store {promotion.store_id} or headquarters may decide "
@@ -197,7 +190,7 @@ def store_promotion_status(store_id: str, request: Request, user: User, days: in
     tz = ZoneInfo(request.app.state.settings.timezone)
     with session_scope(request.app.state.engine) as session:
         store = session.get(Store, store_id)
-        if store is None or not user.sees_store(store.store_id, store.region_id):
+        if store is None or not of_person(user).sees_store(store.store_id, store.region_id):
             raise HTTPException(403, detail=f"store_id: store {store_id!r} is outside your scope")
         current = service.current_set(session=session, store_id=store_id)
         since = datetime.combine(datetime.now(tz).date() - timedelta(days=max(days, 1) - 1), time(), tz).astimezone(UTC)

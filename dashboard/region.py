@@ -1,8 +1,9 @@
 """The region view and the alert pages: a supervisor works the region's alerts and compares its stores.
 
 A supervisor sees the own region, headquarters and admins any region; store people are refused.
-Acknowledging and resolving are forms with the session's CSRF token; customer names in the
-evidence are shown in full only to people who may see the store's detail.
+Acknowledging and resolving are forms with the session's CSRF token; who may see and act on
+an alert, and who sees the evidence's customer names and symptoms unmasked, is
+`dashboard.permissions`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from dashboard.alerts import may_act
 from dashboard.auth import Page, check_csrf
 from dashboard.deps import DbSession
-from dashboard.pages import render
+from dashboard.permissions import of_person
+from dashboard.rendering import render
 from dashboard.store_today import chain_today
 from ingest.db import session_scope
 from ingest.models import Region, Store
@@ -64,8 +65,7 @@ def _region_in_scope(session: DbSession, page: Page, region_id: str) -> Region:
     region = session.get(Region, region_id)
     if region is None:
         raise HTTPException(404, detail=f"region_id: no region {region_id!r}")
-    principal = page.principal
-    if not (principal.chain_wide or (principal.role == "supervisor" and principal.region_id == region_id)):
+    if not of_person(page.principal).sees_region(region_id):
         raise HTTPException(403, detail=f"region_id: region {region_id} is outside your scope")
     return region
 
@@ -74,7 +74,7 @@ def _region_in_scope(session: DbSession, page: Page, region_id: str) -> Region:
 def region_page(request: Request, region_id: str, session: DbSession, page: Page) -> HTMLResponse:
     region = _region_in_scope(session, page, region_id)
     view = region_view(session=session, region=region, timezone=request.app.state.settings.timezone)
-    return render(request, "region.html", {**view, "user": page, "may_act": lambda a: may_act(page.principal, a)})
+    return render(request, "region.html", {**view, "user": page})
 
 
 @router.get("/alerts/{alert_id}", response_class=HTMLResponse)
@@ -83,17 +83,15 @@ def alert_page(request: Request, alert_id: int, session: DbSession, page: Page) 
         alert = alerts.get_alert(session=session, alert_id=alert_id)
     except alerts.AlertError as exc:
         raise HTTPException(exc.status, detail=str(exc)) from None
-    if not page.principal.sees_store(alert.store_id, alert.region_id):
+    may = of_person(page.principal)
+    if not may.sees_alert(alert):
         raise HTTPException(403, detail=f"alert_id: alert {alert_id} is outside your scope")
     store = session.get(Store, alert.store_id)
     context = {
         "alert": alert,
         "store": store,
-        "evidence": alert.evidence
-        if page.principal.sees_customers(alert.store_id, alert.region_id)
-        else alerts.masked_evidence(alert.evidence or []),
+        "evidence": may.evidence(alert),
         "transitions": alerts.transitions(session=session, alert_id=alert_id),
-        "may_act": may_act(page.principal, alert),
         "user": page,
     }
     return render(request, "alert.html", context)
@@ -114,7 +112,8 @@ async def alert_action(request: Request, alert_id: int, action: str, page: Page)
         with session_scope(engine) as session:
             try:
                 alert = alerts.get_alert(session=session, alert_id=alert_id)
-                if not page.principal.sees_store(alert.store_id, alert.region_id) or not may_act(page.principal, alert):
+                may = of_person(page.principal)
+                if not may.sees_alert(alert) or not may.may_act_on_alert(alert):
                     raise HTTPException(403, detail=f"alert_id: you may not {action} alert {alert_id}")
                 change = alerts.acknowledge if action == "acknowledge" else alerts.resolve
                 change(session=session, alert_id=alert_id, user_id=page.principal.user_id, note=note)

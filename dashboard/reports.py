@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from dashboard.auth import Page
 from dashboard.deps import DbSession
-from dashboard.pages import render, translator_of
+from dashboard.permissions import of_person
 from dashboard.rankings import (
     EXCEPTION_BELOW,
     NAMES,
@@ -29,6 +29,7 @@ from dashboard.rankings import (
     to_csv,
     to_xlsx,
 )
+from dashboard.rendering import render, translator_of
 from ingest.models import Store
 from ingest.users import Principal
 
@@ -37,11 +38,13 @@ router = APIRouter(include_in_schema=False)
 
 def visible_store_ids(session: DbSession, principal: Principal) -> list[str] | None:
     """None for the whole chain; the own region's stores for a supervisor; 403 for store people."""
-    if principal.chain_wide:
+    may = of_person(principal)
+    if not may.sees_chain:
+        raise HTTPException(403, detail="the morning report and the ranking are for supervisors and headquarters")
+    region_id = may.scope().region_id
+    if region_id is None:
         return None
-    if principal.role == "supervisor":
-        return list(session.scalars(select(Store.store_id).where(Store.region_id == principal.region_id)))
-    raise HTTPException(403, detail="the morning report and the ranking are for supervisors and headquarters")
+    return list(session.scalars(select(Store.store_id).where(Store.region_id == region_id)))
 
 
 def _report(

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # Session cookies are Secure when the request came over TLS (or X-Forwarded-Proto says so);
     # true / false overrides that, e.g. true behind a proxy that does not set the header.
     cookie_secure: bool | None = None
+    # Sign-in attempts per client address (the proxy's X-Forwarded-For only from a trusted proxy,
+    # see FORWARDED_ALLOW_IPS of uvicorn), beside the per-account lockout: a `limits` rate string.
+    login_rate_limit: str = "20/minute"
     timezone: str = "Asia/Shanghai"
 
     @field_validator("timezone")
@@ -74,6 +77,17 @@ class Settings(BaseSettings):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("login_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate such as '20/minute' or '100/hour' ({value!r})") from exc
         return value
 
     @field_validator("mqtt_topic_prefix")

@@ -5,6 +5,12 @@ headquarters and admins to the chain. A token is shown once at creation; only it
 is stored (it is 256 bits of randomness, so a slow hash would only add latency). Passwords
 are hashed with argon2id; after `MAX_FAILURES` wrong passwords in a row the account is locked
 for `LOCKOUT`, whatever is tried meanwhile. Every login, failure and lockout is audited.
+
+Parallel guesses must not each count from the same old number: a failure is one UPDATE that
+adds 1 and, at the threshold, sets the lock, and it only applies while the account is not
+locked. So of any number of simultaneous wrong passwords exactly `MAX_FAILURES` are counted, the
+last of them locks, and the others are refused as locked. What a person may see is decided in
+`dashboard.permissions`, not here.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from ingest import audit
 from ingest.models import Region, Store, User, WebSession
 from ingest.tokens import hash_token
+from ingest.types import UtcDateTime
 
 ROLES = ("staff", "manager", "supervisor", "headquarters", "admin")
 MIN_PASSWORD_LENGTH = 10
@@ -41,33 +48,16 @@ class UserError(ValueError):
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated person of a request, detached from any session."""
+    """The authenticated person of a request, detached from any session.
+
+    Who may see and do what is `dashboard.permissions`; this is only who the person is.
+    """
 
     user_id: str
     name: str
     role: str
     store_id: str | None
     region_id: str | None
-
-    @property
-    def chain_wide(self) -> bool:
-        return self.role in ("headquarters", "admin")
-
-    def sees_store(self, store_id: str, region_id: str) -> bool:
-        """Whether this person may see the full detail of a store."""
-        if self.chain_wide:
-            return True
-        if self.role == "supervisor":
-            return region_id == self.region_id
-        return store_id == self.store_id
-
-    def sees_customers(self, store_id: str, region_id: str) -> bool:
-        """Whether customer names and symptoms of the store are shown unmasked.
-
-        Only to those who serve or follow up the customers: the store's people and the region's
-        supervisor. Headquarters and admins work with figures and see names masked.
-        """
-        return not self.chain_wide and self.sees_store(store_id, region_id)
 
 
 def create_user(
@@ -166,22 +156,22 @@ def login(
         )
         return LoginResult(None, refused="invalid")
     if user.locked_until is not None and user.locked_until > now:
-        audit.record(session=session, actor=user.user_id, action="login_locked", ip=ip)
-        return LoginResult(None, refused="locked", locked_until=user.locked_until)
+        _verify(_DUMMY_HASH, password)  # as slow as a real check: the timing must not tell "locked"
+        return _refused_locked(session, user.user_id, user.locked_until, ip)
     if not _verify(user.password_hash, password):
-        user.failed_logins = (user.failed_logins or 0) + 1
-        detail: dict[str, object] = {"failures": user.failed_logins}
-        if user.failed_logins >= MAX_FAILURES:
-            user.locked_until = now + LOCKOUT
-            user.failed_logins = 0
-            detail["locked_until"] = user.locked_until.isoformat()
-        audit.record(session=session, actor=user.user_id, action="login_failed", detail=detail, ip=ip)
-        if user.locked_until is not None and user.locked_until > now:
-            return LoginResult(None, refused="locked", locked_until=user.locked_until)
-        return LoginResult(None, refused="invalid")
+        return _count_failure(session, user.user_id, now, ip)
+    opened = session.execute(
+        update(User)
+        .where(User.user_id == user.user_id, _not_locked(now))
+        .values(failed_logins=0, locked_until=None, last_login_at=now)
+        .returning(User.user_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if opened is None:  # locked by parallel wrong guesses while this password was checked
+        session.refresh(user)
+        return _refused_locked(session, user.user_id, user.locked_until, ip)
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
-    user.failed_logins, user.locked_until, user.last_login_at = 0, None, now
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     session.add(
         WebSession(
@@ -194,6 +184,45 @@ def login(
     )
     audit.record(session=session, actor=user.user_id, action="login", ip=ip)
     return LoginResult(_principal(user), session_token=token, csrf_token=csrf)
+
+
+def _not_locked(now: datetime) -> ColumnElement[bool]:
+    return or_(User.locked_until.is_(None), User.locked_until <= now)
+
+
+def _count_failure(session: Session, user_id: str, now: datetime, ip: str | None) -> LoginResult:
+    """One wrong password, counted and (at the threshold) locking in a single UPDATE.
+
+    The lock restarts the count, so after a lockout the account gets `MAX_FAILURES` tries again.
+    """
+    failures = func.coalesce(User.failed_logins, 0) + 1
+    reaches = failures >= MAX_FAILURES
+    until = now + LOCKOUT
+    row = session.execute(
+        update(User)
+        .where(User.user_id == user_id, _not_locked(now))
+        .values(
+            failed_logins=case((reaches, 0), else_=failures),
+            locked_until=case((reaches, literal(until, UtcDateTime())), else_=User.locked_until),
+        )
+        .returning(User.failed_logins, User.locked_until)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:  # another wrong guess locked the account in the meantime
+        locked_until = session.scalar(select(User.locked_until).where(User.user_id == user_id))
+        return _refused_locked(session, user_id, locked_until, ip)
+    count, locked_until = row
+    if locked_until is not None and locked_until > now:  # this failure reached the threshold
+        detail: dict[str, object] = {"failures": MAX_FAILURES, "locked_until": locked_until.isoformat()}
+        audit.record(session=session, actor=user_id, action="login_failed", detail=detail, ip=ip)
+        return LoginResult(None, refused="locked", locked_until=locked_until)
+    audit.record(session=session, actor=user_id, action="login_failed", detail={"failures": count}, ip=ip)
+    return LoginResult(None, refused="invalid")
+
+
+def _refused_locked(session: Session, user_id: str, locked_until: datetime | None, ip: str | None) -> LoginResult:
+    audit.record(session=session, actor=user_id, action="login_locked", ip=ip)
+    return LoginResult(None, refused="locked", locked_until=locked_until)
 
 
 def _verify(password_hash: str, password: str) -> bool:

@@ -41,17 +41,6 @@ class CounterError(ValueError):
         self.body = body
 
 
-def mask_name(name: str | None) -> str | None:
-    """王建国 → 王*国, 李娜 → 李*, Alice → A***e: enough for staff to recognise, not to identify."""
-    if not name:
-        return name
-    if len(name) == 1:
-        return "*"
-    if len(name) == 2:
-        return name[0] + "*"
-    return name[0] + "*" * (len(name) - 2) + name[-1]
-
-
 # (store_id, consultation_id, the time the consultation is seen at: a sale's time or the till's now)
 AnchoredConsultation = tuple[str, str, datetime]
 
@@ -328,7 +317,10 @@ def checkout(
 
 
 def trace(*, session: Session, store_id: str, receipt_id: str, terminal_id: str | None = None) -> dict[str, Any] | None:
-    """A sale followed back to the first contact: consultation steps, prompt answers, lines."""
+    """A sale followed back to the first contact: consultation steps, prompt answers, lines.
+
+    Customer data comes as stored; show it through `store_rules.privacy.trace_as_seen`.
+    """
     query = select(Receipt).where(Receipt.store_id == store_id, Receipt.receipt_id == receipt_id)
     if terminal_id is not None:
         query = query.where(Receipt.terminal_id == terminal_id)
@@ -376,7 +368,7 @@ def trace(*, session: Session, store_id: str, receipt_id: str, terminal_id: str 
             "first_contact": {"at": first.occurred_at.isoformat(), "staff_id": first.staff_id, "step": first.step}
             if first
             else None,
-            "customer": {"member_id": customer.member_id, "name": mask_name(customer.customer_name)}
+            "customer": {"member_id": customer.member_id, "name": customer.customer_name}
             if customer
             else None,
             "steps": [

@@ -33,12 +33,19 @@ from tests.test_promotions import promotions_of, stock_watch_scenario
 PASSWORD = "correct horse battery"
 SECRET_CUSTOMER = "欧阳锋"  # a consultation of S001
 SECRET_MEMBER = "令狐冲"  # a member on a receipt of S001
+SECRET_SYMPTOM = "夜间盗汗"  # the symptoms recorded in that consultation
 OUTSIDERS = {
     "mgr-s002": ("manager", {"store_id": "S002"}),  # same region, another store
     "staff-s003": ("staff", {"store_id": "S003"}),  # another region
     "sup-sh": ("supervisor", {"region_id": "R-SH"}),  # another region's supervisor
 }
 # Pages where an outsider legitimately gets 200 with aggregates (or only the own scope).
+INSIDERS = {  # who serve or follow up S001's customers: names and symptoms unmasked
+    "staff-s001": ("staff", {"store_id": "S001"}),
+    "mgr-s001": ("manager", {"store_id": "S001"}),
+    "sup-zj": ("supervisor", {"region_id": "R-ZJ"}),
+}
+CHAIN_WIDE = {"hq": ("headquarters", {}), "admin": ("admin", {})}  # everything, names masked, symptoms withheld
 AGGREGATE_PAGES = {
     "/", "/live", "/reports/morning", "/reports/morning.csv", "/reports/morning.xlsx", "/promotions", "/rules",
     "/rules/{rule_id}",
@@ -56,7 +63,10 @@ def world(chain: Engine) -> Iterator[dict[str, Any]]:
         evaluate(chain, seed_rule(), day, now=datetime.now(UTC))
     now = datetime.now(UTC) - timedelta(minutes=30)
     secret = step_event("C-SECRET", "consultation", now, data=None)
-    ingest(chain, [{**secret, "customer": {"member_id": "M-SECRET", "name": SECRET_CUSTOMER}}])
+    recorded = {"text": f"{SECRET_SYMPTOM}三周", "keywords": [SECRET_SYMPTOM]}
+    symptoms = step_event("C-SECRET", "symptoms", now + timedelta(minutes=1), data=recorded)
+    customer = {"member_id": "M-SECRET", "name": SECRET_CUSTOMER}
+    ingest(chain, [{**secret, "customer": customer}, {**symptoms, "customer": customer}])
     with session_scope(chain) as session:
         session.add(Member(member_id="M-LHC", name=SECRET_MEMBER, home_store_id="S001"))
     receipt = sale("R-SECRET", now, store_id="S001")
@@ -64,20 +74,27 @@ def world(chain: Engine) -> Iterator[dict[str, Any]]:
     with session_scope(chain) as session:
         load_templates_and_rules(session=session)
         tokens = {}
-        for user_id, (role, scope) in {**OUTSIDERS, "hq": ("headquarters", {})}.items():
+        for user_id, (role, scope) in {**OUTSIDERS, **INSIDERS, **CHAIN_WIDE}.items():
             tokens[user_id] = create_user(session=session, user_id=user_id, name=user_id, role=role, **scope)
             set_password(session=session, user_id=user_id, password=PASSWORD)
         device = create_token(session=session, store_id="S002", name="till of S002").token
         alert_id = session.scalar(select(Alert.id).where(Alert.store_id == "S001"))
+        pass_rate_alert_id = session.scalar(
+            select(Alert.id).where(Alert.store_id == "S001", Alert.rule_id == "pass_rate_watch")
+        )
     values = {
         "store_id": "S001", "region_id": "R-ZJ", "alert_id": str(alert_id), "receipt_id": "R-SECRET",
         "promotion_id": promotions_of(chain)[0].promotion_id, "rule_id": "pass_rate_watch",
         "consultation_id": "C-SECRET",
+        "letter_id": "1",
         "action": "approve",
     }  # fmt: skip
     app = make_app(chain)
     with LiveServer(app) as server:
-        yield {"server": server, "app": app, "tokens": tokens, "device": device, "values": values}
+        yield {
+            "server": server, "app": app, "tokens": tokens, "device": device, "values": values,
+            "pass_rate_alert_id": pass_rate_alert_id,
+        }  # fmt: skip
 
 
 def routes(app: Any) -> list[tuple[str, str]]:
@@ -139,6 +156,7 @@ def test_every_route_refuses_or_aggregates_for_people_of_another_store_or_region
                 text = response.text
                 where = f"{user_id} {method} {path}: {response.status_code}"
                 assert SECRET_CUSTOMER not in text and SECRET_MEMBER not in text, where
+                assert SECRET_SYMPTOM not in text, where
                 if method == "GET" and (template in AGGREGATE_PAGES or template in AGGREGATE_API):
                     assert response.status_code in (200, 303, 403), where  # 303: a manager goes to the own store
                     assert "S001" not in response.headers.get("location", ""), where
@@ -178,3 +196,51 @@ def test_headquarters_sees_everything_with_customer_names_masked(world: dict[str
         "alerts"
     ]
     assert api and all(a["evidence_masked"] for a in api)
+
+
+# What each role gets on S001's trace and alert pages: "full" (names and symptoms), "masked"
+# (names masked, symptoms withheld) or 403.
+SEES_CUSTOMER_DATA = {
+    **{user_id: "full" for user_id in INSIDERS},
+    **{user_id: "masked" for user_id in CHAIN_WIDE},
+    **{user_id: 403 for user_id in OUTSIDERS},
+}
+WITHHELD = "（不向总部显示）"
+
+
+def test_every_role_gets_the_trace_and_alert_pages_with_the_customer_data_it_may_see(world: dict[str, Any]) -> None:
+    server, alert_id = world["server"], world["pass_rate_alert_id"]
+    assert sorted(SEES_CUSTOMER_DATA) == sorted([*INSIDERS, *CHAIN_WIDE, *OUTSIDERS])
+    for user_id, expected in SEES_CUSTOMER_DATA.items():
+        with closing(sign_in(server.url, user_id, PASSWORD, headers={"Accept-Language": "zh-CN"})) as person:
+            trace = person.get("/stores/S001/receipts/R-SECRET/trace")
+            alert = person.get(f"/alerts/{alert_id}")
+        api = httpx.get(
+            f"{server.url}/api/v1/alerts/{alert_id}", headers={"Authorization": f"Bearer {world['tokens'][user_id]}"}
+        )
+        pages = {"trace": trace, "alert": alert, "api": api}
+        if expected == 403:
+            assert {k: r.status_code for k, r in pages.items()} == {"trace": 403, "alert": 403, "api": 403}, user_id
+            for response in pages.values():
+                for secret in (SECRET_CUSTOMER, SECRET_SYMPTOM, "王建国", "王*国", "胸闷"):
+                    assert secret not in response.text, (user_id, secret)
+            continue
+        assert {k: r.status_code for k, r in pages.items()} == {"trace": 200, "alert": 200, "api": 200}, user_id
+        evidence = api.json()["evidence"][0]
+        if expected == "full":
+            assert SECRET_CUSTOMER in trace.text and f"{SECRET_SYMPTOM}三周" in trace.text, user_id
+            assert "王建国" in alert.text and "胸闷、心悸" in alert.text, user_id
+            assert WITHHELD not in trace.text and WITHHELD not in alert.text, user_id
+            assert api.json()["evidence_masked"] is False
+            assert (evidence["customer_name"], evidence["member_id"], evidence["symptom_keywords"]) == (
+                "王建国", "M00000", ["胸闷", "心悸"]
+            ), user_id  # fmt: skip
+        else:
+            assert "欧*锋" in trace.text and SECRET_CUSTOMER not in trace.text, user_id
+            assert SECRET_SYMPTOM not in trace.text and WITHHELD in trace.text, user_id
+            assert "王*国" in alert.text and "王建国" not in alert.text, user_id
+            assert "胸闷" not in alert.text and WITHHELD in alert.text, user_id
+            assert api.json()["evidence_masked"] is True
+            assert evidence["customer_name"] == "王*国" and evidence["symptoms_withheld"] is True, user_id
+            assert "member_id" not in evidence and "symptom_keywords" not in evidence, user_id
+            assert "胸闷" not in api.text and "王建国" not in api.text, user_id

@@ -49,10 +49,10 @@ from store_rules.alerts.models import (
     Notification,
 )
 from store_rules.alerts.rules import MetricRule, Verdict, metric_rule_for, silence_rule_for, stock_rule_for
-from store_rules.counter import mask_name
 from store_rules.definitions import active_flow
 from store_rules.flow import Consultation, StepRecord
 from store_rules.metrics import Ratio, store_days
+from store_rules.privacy import masked_evidence as masked_evidence  # delivery and callers use it from here
 from store_rules.promotion_events import PromotionDecided, on_promotion_decided
 from store_rules.promotions import service as promotions
 from store_rules.promotions.models import Promotion
@@ -282,17 +282,6 @@ def failed_insurance_checks(*, session: Session, store: Store, first: date, last
         )
     failed.sort(key=lambda item: (item["time"], item["consultation_id"]))
     return failed
-
-
-def masked_evidence(evidence: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Evidence as it may leave the system: customer names masked (王*国), member ids dropped."""
-    out = []
-    for item in evidence:
-        copy = {k: v for k, v in item.items() if k != "member_id"}
-        if "customer_name" in copy:
-            copy["customer_name"] = mask_name(copy["customer_name"])
-        out.append(copy)
-    return out
 
 
 # --- the texts ----------------------------------------------------------------------------
