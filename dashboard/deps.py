@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -39,6 +40,14 @@ def get_session(engine: Annotated[Engine, Depends(get_db_engine)]) -> Iterator[S
 
 
 DbSession = Annotated[Session, Depends(get_session)]
+
+
+async def wall_clock() -> datetime:
+    """The views' now: what "today" is on the pages. Tests override it with a fixed instant."""
+    return datetime.now(UTC)
+
+
+Now = Annotated[datetime, Depends(wall_clock)]
 
 
 def bearer_token(request: Request) -> str | None:

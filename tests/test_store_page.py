@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Engine, select
 
 from ingest.db import session_scope
@@ -100,14 +101,13 @@ def test_only_the_store_s_manager_decides_and_a_rejection_needs_a_reason(server:
     assert httpx.post(f"{server.url}{reject}").status_code == 303  # not signed in: to the login form
 
 
-def test_the_staff_and_prompt_panels_show_the_metric_services_numbers(server: LiveServer, chain: Engine) -> None:
+def test_the_staff_and_prompt_panels_show_the_metric_services_numbers(chain: Engine) -> None:
+    from dashboard.deps import wall_clock
     from store_rules.metrics import prompt_answer_distribution, staff_compliance
     from tests.test_metrics import SHANGHAI, answer, flow_events
 
-    now = datetime.now(SHANGHAI)
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if now - midnight < timedelta(minutes=20):
-        pytest.skip("the store page shows today: its first 20 minutes cannot hold three past consultations")
+    # The page's clock is fixed at 00:25, when the day so far holds just the three consultations.
+    now = datetime(2026, 11, 20, 0, 25, tzinfo=SHANGHAI)
     start = now - timedelta(minutes=20)
     ingest(
         chain,
@@ -125,8 +125,16 @@ def test_the_staff_and_prompt_panels_show_the_metric_services_numbers(server: Li
         (prompts,) = prompt_answer_distribution(session=session, store_id="S001", day=now.date()).prompts
     assert (expected.consultations, expected.skipped) == (3, 1)
     assert (expected.steps.numerator, expected.steps.denominator) == (13, 15)  # 5 + 4 + 4 done of 3 × 5
-    with closing(sign_in(server.url, "mgr-s001", PASSWORD, headers={"Accept-Language": "zh-CN"})) as manager:
+    create_people(chain, {"mgr-s001": ("manager", {"store_id": "S001"})}, PASSWORD)
+    app = make_app(chain)
+    assert isinstance(app, FastAPI)
+    app.dependency_overrides[wall_clock] = lambda: now
+    with (
+        LiveServer(app) as server,
+        closing(sign_in(server.url, "mgr-s001", PASSWORD, headers={"Accept-Language": "zh-CN"})) as manager,
+    ):
         html = manager.get("/stores/S001").text
+    assert "2026年11月20日" in html
     row = re.search(r'<tr id="staff-E0101">(.*?)</tr>', html, re.DOTALL)
     assert row is not None and "李娜" in row.group(1)
     values = re.findall(r'data-value="(\d+)/(\d+)"', row.group(1))
