@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 
 from adapters.publish import publisher_for
-from dashboard import alerts, api, auth, other_pages, pages, pos, promotions, region, reports
+from dashboard import alerts, api, auth, dead_letters, other_pages, pages, pos, promotions, region, reports
 from ingest.db import get_engine
 from ingest.settings import Settings, get_settings
 
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(region.router)
     app.include_router(reports.router)
     app.include_router(other_pages.router)
+    app.include_router(dead_letters.router)
     app.add_exception_handler(auth.LoginRequired, _to_login)  # type: ignore[arg-type]
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

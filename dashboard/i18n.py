@@ -185,6 +185,40 @@ MESSAGES: dict[str, dict[str, str]] = {
     "promotions": {ZH: "促销", EN: "Promotions"},
     "rules": {ZH: "规则", EN: "Rules"},
     "audit_log": {ZH: "审计日志", EN: "Audit log"},
+    "dead_letters": {ZH: "死信", EN: "Dead letters"},
+    "dead_letter": {ZH: "死信", EN: "Dead letter"},
+    "dead_letters_hint": {
+        ZH: "接入时被拒收的数据及原因。修复原因（例如导入缺少的门店）后可重放：重放会按今天的主数据重新校验，"
+        "通过的只入库一次，死信保留并标记为已重放。",
+        EN: "What ingest refused, with the reason. Once the cause is fixed (an unknown store imported, say), replay "
+        "validates it again against today's master data; what passes is stored once and the letter is kept, "
+        "marked replayed.",
+    },
+    "dead_letters_count": {
+        ZH: "共 {total} 条，显示 {shown} 条（最新在前）",
+        EN: "{shown} of {total} shown, newest first",
+    },
+    "no_dead_letters": {ZH: "没有符合条件的死信。", EN: "No dead letter matches."},
+    "received_at": {ZH: "接收时间", EN: "Received"},
+    "replay": {ZH: "重放", EN: "Replay"},
+    "replay_note": {ZH: "重放结果", EN: "Replay outcome"},
+    "replay_now": {ZH: "立即重放", EN: "Replay now"},
+    "replay_hint": {
+        ZH: "按今天的主数据重新校验；仍不通过则记录新原因，不会再生成死信。",
+        EN: "Validates again against today's master data; if it still fails, the new reason is recorded and no "
+        "second dead letter is written.",
+    },
+    "replay_state_pending": {ZH: "未重放", EN: "not replayed"},
+    "replay_state_replayed": {ZH: "已重放", EN: "replayed"},
+    "replay_state_accepted": {ZH: "已重放：已入库", EN: "replayed: stored"},
+    "replay_state_duplicate": {ZH: "已重放：此前已入库", EN: "replayed: already stored"},
+    "replay_state_rejected": {ZH: "重放被拒", EN: "replay rejected"},
+    "raw_payload": {ZH: "原始数据", EN: "Raw payload"},
+    "raw_payload_hint": {
+        ZH: "顾客姓名已脱敏、症状已隐去；原样内容请在服务器上运行 storepulse dead-letters show 查看。",
+        EN: "Customer names masked and symptoms withheld; the payload exactly as received: "
+        "storepulse dead-letters show ID on the server.",
+    },
     "trace": {ZH: "销售追溯", EN: "Sale trace"},
     "violation": {ZH: "合规问题，缺少步骤", EN: "Compliance issue, steps missing"},
     "first_contact": {ZH: "首次接触", EN: "First contact"},
