@@ -98,13 +98,14 @@ def test_a_return_needs_no_counter_flow(till: Till) -> None:
 
 
 def test_steps_in_the_same_instant_count_in_flow_order(chain: Engine, till: Till) -> None:
-    same = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    same = at.isoformat()
     # A till with a coarse clock sends the steps with one timestamp, in reverse order.
     ingest(chain, [
         f.step(i, step=s, consultation_id="C-same", event_id=f"same-{s}", occurred_at=same, data=STEP_DATA[s] or None)
         for i, s in enumerate(reversed(STEPS))
     ])  # fmt: skip
-    ingest(chain, [f.receipt(8, consultation_id="C-same")])
+    ingest(chain, [f.receipt(8, at=at + timedelta(minutes=1), consultation_id="C-same")])
     trace = till.client.get(f"{till.base}/api/v1/stores/S001/receipts/R8/trace", params={"terminal_id": "T1"}).json()
     assert trace["consultation"]["out_of_order"] == [] and trace["consultation"]["missing"] == []
     assert (
