@@ -13,6 +13,7 @@ someone reads the error that says why.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +36,8 @@ DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})
 # is about the database file or its schema.
 DATA_SQLITE_ERRORS = ("SQLITE_CONSTRAINT", "SQLITE_MISMATCH", "SQLITE_TOOBIG")
 
+_STATEMENT_POSITION = re.compile(r" at character \d+$")
+
 
 class BatchRefused(Exception):
     """The database refused a value of the batch (a data error): retrying the same rows won't help."""
@@ -52,7 +55,9 @@ class Diagnosis:
 
 def first_line(text: str, limit: int = 300) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:limit]
+    # The server adds where in the statement the error was found when it has the text; the same
+    # failure then reads the same whichever way the statement was sent.
+    return _STATEMENT_POSITION.sub("", line)[:limit]
 
 
 def classify(exc: BaseException) -> Diagnosis:
