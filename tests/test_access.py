@@ -39,13 +39,14 @@ OUTSIDERS = {
     "staff-s003": ("staff", {"store_id": "S003"}),  # another region
     "sup-sh": ("supervisor", {"region_id": "R-SH"}),  # another region's supervisor
 }
-# Pages where an outsider legitimately gets 200 with aggregates (or only the own scope).
 INSIDERS = {  # who serve or follow up S001's customers: names and symptoms unmasked
     "staff-s001": ("staff", {"store_id": "S001"}),
     "mgr-s001": ("manager", {"store_id": "S001"}),
     "sup-zj": ("supervisor", {"region_id": "R-ZJ"}),
 }
-CHAIN_WIDE = {"hq": ("headquarters", {}), "admin": ("admin", {})}  # everything, names masked, symptoms withheld
+# Everything, with names masked and symptoms withheld.
+CHAIN_WIDE: dict[str, tuple[str, dict[str, str]]] = {"hq": ("headquarters", {}), "admin": ("admin", {})}
+# Pages where an outsider legitimately gets 200 with aggregates (or only the own scope).
 AGGREGATE_PAGES = {
     "/", "/live", "/reports/morning", "/reports/morning.csv", "/reports/morning.xlsx", "/promotions", "/rules",
     "/rules/{rule_id}",

@@ -72,8 +72,8 @@ def import_graph(root: Path, packages: Iterable[str]) -> dict[str, list[Edge]]:
     return {name: imports_of(name, path, modules, root) for name, path in modules.items()}
 
 
-def cycles(graph: dict[str, list[Edge]]) -> list[list[Edge]]:
-    """One cycle (as its edges) per strongly connected component of more than one module (Tarjan)."""
+def cycles(graph: dict[str, list[Edge]]) -> list[tuple[set[str], list[Edge]]]:
+    """Each strongly connected component of more than one module (Tarjan), with one cycle through it."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -107,7 +107,7 @@ def cycles(graph: dict[str, list[Edge]]) -> list[list[Edge]]:
     for node in sorted(graph):
         if node not in index:
             connect(node)
-    return [_cycle_in(graph, component) for component in components]
+    return [(component, _cycle_in(graph, component)) for component in components]
 
 
 def _cycle_in(graph: dict[str, list[Edge]], component: set[str]) -> list[Edge]:
@@ -132,16 +132,20 @@ def _cycle_in(graph: dict[str, list[Edge]], component: set[str]) -> list[Edge]:
     raise AssertionError(f"no cycle found in {sorted(component)}")
 
 
-def describe(cycle: list[Edge]) -> str:
+def describe(component: set[str], cycle: list[Edge]) -> str:
+    """The shortest cycle through the component's first module, and every module tangled with it."""
     chain = " → ".join([cycle[0].importer, *(e.imported for e in cycle)])
-    return chain + "\n" + "\n".join(f"    {e.importer} imports {e.imported} at {e.where}" for e in cycle)
+    lines = [chain, *(f"    {e.importer} imports {e.imported} at {e.where}" for e in cycle)]
+    if len(component) > len(cycle):
+        lines.append(f"    (one knot of {len(component)} modules: {', '.join(sorted(component))})")
+    return "\n".join(lines)
 
 
 def test_first_party_modules_import_each_other_without_a_cycle() -> None:
     graph = import_graph(ROOT, PACKAGES)
     assert len(graph) > 60 and sum(len(edges) for edges in graph.values()) > 150  # the walk saw the code
     found = cycles(graph)
-    assert not found, f"{len(found)} import cycle(s):\n" + "\n".join(describe(c) for c in found)
+    assert not found, f"{len(found)} import cycle(s):\n" + "\n".join(describe(*c) for c in found)
 
 
 def test_the_walk_finds_cycles_through_lazy_relative_and_from_package_imports(tmp_path: Path) -> None:
@@ -166,5 +170,5 @@ def test_the_walk_finds_cycles_through_lazy_relative_and_from_package_imports(tm
     assert [e.imported for e in graph["shop.sub.a"]] == ["shop.sub.b"]
     assert [e.imported for e in graph["shop.sub.b"]] == ["shop.sub.a"]
     assert [e.imported for e in graph["shop.e"]] == ["shop.c"]
-    found = sorted(describe(c).splitlines()[0] for c in cycles(graph))
+    found = sorted(describe(*c).splitlines()[0] for c in cycles(graph))
     assert found == ["shop.c → shop.d → shop.c", "shop.sub.a → shop.sub.b → shop.sub.a"]
