@@ -368,9 +368,7 @@ def trace(*, session: Session, store_id: str, receipt_id: str, terminal_id: str 
             "first_contact": {"at": first.occurred_at.isoformat(), "staff_id": first.staff_id, "step": first.step}
             if first
             else None,
-            "customer": {"member_id": customer.member_id, "name": customer.customer_name}
-            if customer
-            else None,
+            "customer": {"member_id": customer.member_id, "name": customer.customer_name} if customer else None,
             "steps": [
                 {
                     "step": r.step,
