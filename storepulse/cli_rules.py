@@ -313,6 +313,7 @@ def _decide(action: str, promotion_id: str, user: str, reason: str | None = None
     import json
 
     from adapters.publish import publisher_for
+    from store_rules.alerts import service as _alerts  # noqa: F401  (subscribes: a decided draft closes its alert)
     from store_rules.promotions import service
 
     settings = get_settings()
@@ -380,6 +381,7 @@ def promotions_retract(
 def promotions_housekeeping() -> None:
     """Expire undecided drafts, end finished promotions and publish unpublished sets (the scheduler's job)."""
     from adapters.publish import publisher_for
+    from store_rules.alerts import service as _alerts  # noqa: F401  (subscribes: an expired draft closes its alert)
     from store_rules.promotions import service
 
     settings = get_settings()
