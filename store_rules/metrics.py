@@ -64,9 +64,9 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from ingest.models import ConsultationStep, Footfall, PromptAnswer, Receipt, ReceiptLine, Store
 from ingest.timeseries import business_window
 from store_rules.definitions import FlowDefinition, active_flow, flow_controlled_skus
-from store_rules.flow import Consultation, StepRecord
+from store_rules.flow import CONSULTATION_WINDOW, Consultation, StepRecord
 
-REACH = timedelta(days=2)
+REACH = CONSULTATION_WINDOW  # the same window as the POS gate and the compliance check
 STORE_BATCH = 500  # store ids per IN list
 CENT = Decimal("0.01")
 ZERO = Decimal("0.00")
