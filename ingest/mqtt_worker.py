@@ -496,6 +496,10 @@ class IngestWorker:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        return self.run_reporting()
+
+    def run_reporting(self) -> int:
+        """`run`, and the process exit code: 0 when stopped, non-zero with the cause logged otherwise."""
         try:
             self.run()
         except WorkerStartError as exc:

@@ -13,10 +13,13 @@ one dead letter.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,14 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from ingest.db import get_engine, session_scope
 from ingest.errors import Diagnosis, classify
 from ingest.health import forget_schema_checks
+from ingest.mqtt_worker import IngestWorker
 from ingest.service import ingest_payloads
+from ingest.settings import Settings
 from tests import factories as f
 from tests.brokers import Broker, mosquitto_broker, publisher, tail, wait_until, worker_process
 from tests.conftest import (
@@ -453,6 +460,48 @@ def test_worker_that_cannot_start_says_why_and_exits_non_zero(tmp_path: Path, br
         f"ingest_health_port: cannot listen on 127.0.0.1:{busy} ("
     )
     assert expected in done.stderr, done.stderr
+
+
+def test_worker_stopped_by_an_unexpected_error_says_why_and_exits_non_zero(
+    chain: Engine, mosquitto: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_callback(_events: int) -> None:
+        raise RuntimeError("the on_commit callback broke")
+
+    prefix = f"sptest-{uuid.uuid4().hex[:8]}/v1"
+    settings = Settings(
+        _env_file=None,
+        env="test",
+        database_url=chain.url.render_as_string(hide_password=False),
+        mqtt_url=f"mqtt://{mosquitto[0]}:{mosquitto[1]}",
+        mqtt_topic_prefix=prefix,
+        mqtt_client_id=f"storepulse-test-{uuid.uuid4().hex[:8]}",
+    )
+    worker = IngestWorker(settings, chain, on_commit=broken_callback)
+    subscribed = threading.Event()
+    worker.client.on_subscribe = lambda *_args: subscribed.set()
+    exit_codes: list[int] = []
+    thread = threading.Thread(target=lambda: exit_codes.append(worker.run_reporting()), daemon=True)
+    thread.start()
+    try:
+        assert subscribed.wait(15), "the worker did not subscribe"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect(*mosquitto)
+        client.loop_start()
+        client.publish(f"{prefix}/S001/pos/T1/events", json.dumps(f.receipt(1)), qos=1).wait_for_publish(10)
+        client.disconnect()
+        client.loop_stop()
+        thread.join(30)
+    finally:
+        worker.request_stop()
+        thread.join(15)
+    assert exit_codes == [1]
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert critical == [
+        "ingest worker exits on an unexpected error: internal error RuntimeError: the on_commit callback broke; "
+        "unacknowledged messages will be redelivered"
+    ]
+    assert count(chain, "receipts") == 1
 
 
 @contextmanager
