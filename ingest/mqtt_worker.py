@@ -413,14 +413,16 @@ class IngestWorker:
     def health_report(self) -> tuple[int, dict[str, Any]]:
         """The health endpoint's answer: 200 while the worker stores, 503 with the reason otherwise."""
         failure = self.health.report()
-        if failure is None and not self.connected.is_set():
-            failure = {"status": "failing", "reason": f"broker: not connected to {self._host}:{self._port}"}
-        if failure is None:
-            problem = schema_problem(self.engine)
-            if problem is not None:
-                failure = {"status": "failing", "reason": problem}
+        problem = schema_problem(self.engine)
         if failure is not None:
+            # The database's own words rarely name the table; the schema check does.
+            if problem is not None:
+                failure["schema"] = problem
             return 503, failure
+        if not self.connected.is_set():
+            return 503, {"status": "failing", "reason": f"broker: not connected to {self._host}:{self._port}"}
+        if problem is not None:
+            return 503, {"status": "failing", "reason": problem}
         return 200, {
             "status": "ok",
             "broker": f"{self._host}:{self._port}",
