@@ -19,6 +19,12 @@ COOKIE: Final = "lang"
 
 MESSAGES: dict[str, dict[str, str]] = {
     "app_name": {ZH: "StorePulse 门店脉搏", EN: "StorePulse"},
+    "revised_on": {ZH: "已修订 {when}", EN: "revised {when}"},
+    "revised_hint": {
+        ZH: "迟到的数据（如离线收银台补传）在首次统计后改变了这一天的数字；时间为本地时间",
+        EN: "late data (an offline till catching up, say) changed this day's figures after they were first shown"
+        "; local time",
+    },
     "chain_overview": {ZH: "连锁总览", EN: "Chain overview"},
     "all_stores": {ZH: "全部门店", EN: "All stores"},
     "today": {ZH: "今日", EN: "Today"},
