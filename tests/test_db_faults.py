@@ -31,7 +31,7 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from ingest.db import get_engine, session_scope
@@ -155,13 +155,23 @@ def column_renamed(engine: Engine, table: str, column: str) -> Iterator[str]:
     """`table.column` is missing (renamed away) inside the block, and back afterwards whatever happens."""
     hidden = f"{column}_moved"
     with engine.begin() as conn:
+        _fresh_schema(conn)
         conn.execute(text(f"ALTER TABLE {table} RENAME COLUMN {column} TO {hidden}"))
     try:
         yield hidden
     finally:
         with engine.begin() as conn:
+            _fresh_schema(conn)
             conn.execute(text(f"ALTER TABLE {table} RENAME COLUMN {hidden} TO {column}"))
         forget_schema_checks()
+
+
+def _fresh_schema(conn: Connection) -> None:
+    # SQLite prepares an ALTER TABLE that opens an explicit transaction against the connection's
+    # cached schema (a pooled connection may not have seen another connection's rename yet);
+    # any read first makes it load the current one. DML re-prepares by itself.
+    if conn.dialect.name == "sqlite":
+        conn.execute(text("SELECT count(*) FROM sqlite_master"))
 
 
 def ingest(engine: Engine, events: list[dict[str, Any]]) -> list[tuple[str | None, str, str | None]]:

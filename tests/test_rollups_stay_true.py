@@ -195,6 +195,7 @@ def test_events_hooks_and_dead_letters_commit_together_or_not_at_all(chain: Engi
     """
     good, bad = sale("R1", local(DAY, 10)), {**sale("R2", local(DAY, 11)), "store_id": "S999"}
     with chain.begin() as conn:
+        conn.execute(text("SELECT count(*) FROM rollup_store_hour"))  # SQLite: load the current schema first
         conn.execute(text("ALTER TABLE rollup_store_hour RENAME TO rollup_store_hour_away"))
     try:
         with pytest.raises(Exception, match="rollup_store_hour"), session_scope(chain) as session:
@@ -202,6 +203,7 @@ def test_events_hooks_and_dead_letters_commit_together_or_not_at_all(chain: Engi
         assert (count(chain, Receipt), count(chain, RollupDirty), count(chain, DeadLetter)) == (0, 0, 0)
     finally:
         with chain.begin() as conn:
+            conn.execute(text("SELECT count(*) FROM rollup_store_hour_away"))
             conn.execute(text("ALTER TABLE rollup_store_hour_away RENAME TO rollup_store_hour"))
 
     # The retry after repair stores everything once: nothing is a duplicate of a half-committed try.
