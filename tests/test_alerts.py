@@ -335,17 +335,18 @@ def test_acknowledging_through_the_api_moves_timeliness_and_respects_scope(chain
         assert call("POST", f"/alerts/{alert_ids['S001']}/ack", "mgr_s002").status_code == 403
         # Both are younger than 24 h and not acknowledged yet: pending, neither in time nor late.
         assert call("GET", "/alerts/timeliness", "hq", params=window).json()["chain"] == {
-            "acknowledged_within_24h": 0, "raised": 0, "percent": None,
+            "acknowledged_within_24h": 0, "due": 0, "percent": None, "pending": 2,
         }  # fmt: skip
         acked = call("POST", f"/alerts/{alert_ids['S001']}/ack", "sup_zj", json={"note": "打电话给店长"})
         assert acked.status_code == 200 and acked.json()["status"] == "acknowledged"
         assert acked.json()["acknowledged_by"] == "sup-zj"
         assert call("POST", f"/alerts/{alert_ids['S001']}/ack", "sup_zj").status_code == 409
         chain_view = call("GET", "/alerts/timeliness", "hq", params=window).json()
-        assert chain_view["chain"] == {"acknowledged_within_24h": 1, "raised": 1, "percent": 100.0}
+        assert chain_view["chain"] == {"acknowledged_within_24h": 1, "due": 1, "percent": 100.0, "pending": 1}
         assert chain_view["by_region"]["R-ZJ"]["percent"] == 100.0 and "R-SH" not in chain_view["by_region"]
         own_region = call("GET", "/alerts/timeliness", "sup_sh", params=window).json()
-        assert own_region["chain"]["raised"] == 0 and own_region["by_store"] == {}  # S003's alert is pending
+        assert own_region["chain"]["due"] == 0 and own_region["by_store"] == {}  # S003's alert is pending
+        assert own_region["chain"]["pending"] == 1
         detail = call("GET", f"/alerts/{alert_ids['S001']}", "sup_zj").json()
         assert [t["action"] for t in detail["transitions"]] == ["raised", "acknowledged"]
         assert detail["transitions"][1]["note"] == "打电话给店长"

@@ -38,10 +38,8 @@ def test_missing_shared_data_fails_under_ci_and_skips_on_a_laptop(tmp_path: Path
 
 
 SKIPPING = {"skip", "skipif", "importorskip", "xfail"}
-# Skips that depend on neither the clock nor missing data, each with its reason.
-ALLOWED = {
-    ("tests/test_promotion_sets.py", "test_decisions_on_sqlite_are_serialised_too"): "SQLite only; the backend decides",
-}
+# Skips that depend on neither the clock nor missing data, each with its reason (none today).
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def skips_outside_unavailable(path: Path) -> list[tuple[str, str]]:
