@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Date,
     ForeignKey,
     Index,
@@ -179,6 +180,13 @@ class Receipt(Base):
     line_count: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
     raw: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    # Σ line amounts − line discounts − receipt discounts, as priced (tax in or not: prices_include_tax).
+    net_total: Mapped[Decimal | None] = mapped_column(Money)
+    discount_total: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+    tax_total: Mapped[Decimal | None] = mapped_column(Money)
+    prices_include_tax: Mapped[bool | None] = mapped_column(Boolean)  # None: the chain setting
+    tenders: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc)
+    source_name: Mapped[str | None] = mapped_column(String(64))
     __table_args__ = (
         Index("ix_receipts_store_time", "store_id", "occurred_at"),
         Index("ix_receipts_store_receipt", "store_id", "receipt_id"),
@@ -199,6 +207,7 @@ class ReceiptLine(Base):
     unit_price: Mapped[Decimal] = mapped_column(Money)
     amount: Mapped[Decimal] = mapped_column(Money)
     promotion_id: Mapped[str | None] = mapped_column(String(64))
+    discount: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
     __table_args__ = (
         Index("ix_receipt_lines_store_time", "store_id", "occurred_at"),
         Index("ix_receipt_lines_store_sku_time", "store_id", "sku", "occurred_at"),
@@ -303,6 +312,40 @@ class PromotionAck(Base):
     promotions_version: Mapped[int] = mapped_column(Integer, primary_key=True)
     acked_at: Mapped[datetime] = mapped_column(UtcDateTime)
     source: Mapped[str] = mapped_column(String(200))
+
+
+class SourceMapping(Base):
+    """A source's own id (POSLog store, item id or GTIN, operator) mapped onto a StorePulse id."""
+
+    __tablename__ = "source_mappings"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # store / sku / staff
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)  # e.g. poslog, or * for any source
+    external_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target_id: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (CheckConstraint("kind IN ('store', 'sku', 'staff')", name="ck_source_mappings_kind"),)
+
+
+class ImportWatermark(Base):
+    """How far a database pull has got: saved only after the events up to it were accepted."""
+
+    __tablename__ = "import_watermarks"
+    profile: Mapped[str] = mapped_column(String(100), primary_key=True)
+    watermark: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    rows_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class ImportFile(Base):
+    """A file the drop folder has seen, by content: imported once, whatever its name or restarts."""
+
+    __tablename__ = "import_files"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(500))
+    adapter: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))  # importing / done / failed
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
 
 
 class RollupDirty(Base):

@@ -32,6 +32,9 @@ SHARED_DATA = Path(
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TRUNCATE_ORDER = (
+    "import_files",
+    "import_watermarks",
+    "source_mappings",
     "rollup_dirty",
     "rollup_store_day",
     "rollup_store_hour",
