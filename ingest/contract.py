@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from ingest.settings import get_settings
+
 STEPS: tuple[str, ...] = ("consultation", "symptoms", "recommendation", "insurance_check", "guidance")
 EVENT_TYPES: tuple[str, ...] = ("receipt", "consultation_step", "prompt_answer", "footfall", "stock")
 MAX_FUTURE = timedelta(minutes=10)
@@ -125,7 +127,54 @@ class ReceiptLine(BaseModel):
     qty: Qty
     unit_price: Amount
     amount: Amount
+    # Price modifiers and line rewards, signed like `amount`; `amount` stays the pre-discount figure.
+    discount: Amount = Decimal(0)
     promotion_id: Id | None = None
+
+    @model_validator(mode="after")
+    def _discount_within_amount(self) -> ReceiptLine:
+        if self.discount and (self.discount * self.amount < 0 or abs(self.discount) > abs(self.amount)):
+            raise ValueError(
+                f"discount: {self.discount} must have the sign of the line amount ({self.amount}) "
+                "and be no larger than it"
+            )
+        return self
+
+
+class ReceiptDiscount(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["discount", "reward", "coupon"]
+    amount: Amount
+    reason: ShortText | None = None
+    id: Id | None = None
+
+
+class Tender(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Id
+    # Signed: change handed back is a negative cash tender, a refund a negative one too.
+    amount: Amount
+
+
+SourceText = Annotated[str, StringConstraints(max_length=64, pattern=r"^[^\x00]*$")]
+
+
+class ReceiptSource(BaseModel):
+    """The till system's own ids for the receipt, kept so a row can be traced back to its source."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Id
+
+    @model_validator(mode="after")
+    def _text_ids(self) -> ReceiptSource:
+        for key, value in (self.model_extra or {}).items():
+            if value is not None and not (isinstance(value, str) and len(value) <= 64 and "\x00" not in value):
+                raise ValueError(f"{key!r} must be text of at most 64 characters")
+        return self
+
+
+def _sum(values: Any) -> Decimal:
+    return sum(values, Decimal(0))
 
 
 class ReceiptEvent(_Event):
@@ -137,21 +186,85 @@ class ReceiptEvent(_Event):
     member_id: Id | None = None
     consultation_id: Id | None = None
     lines: list[ReceiptLine] = Field(min_length=1, max_length=1000)
+    discounts: list[ReceiptDiscount] = Field(default_factory=list, max_length=1000)
+    tax: Amount | None = None
+    # None: the chain's Settings.prices_include_tax decides (kept None in storage too).
+    prices_include_tax: bool | None = None
+    tenders: list[Tender] | None = Field(default=None, max_length=1000)
+    rounding: Amount = Decimal(0)
+    source: ReceiptSource | None = None
     total: Amount
 
+    @property
+    def line_discount_total(self) -> Decimal:
+        return _sum(line.discount for line in self.lines)
+
+    @property
+    def receipt_discount_total(self) -> Decimal:
+        return _sum(discount.amount for discount in self.discounts)
+
+    @property
+    def discount_total(self) -> Decimal:
+        """Every discount, reward and coupon of the receipt, line and receipt level."""
+        return self.line_discount_total + self.receipt_discount_total
+
+    @property
+    def net_sales(self) -> Decimal:
+        """Σ line amounts − Σ line discounts − Σ receipt discounts, before tax and rounding."""
+        return _sum(line.amount for line in self.lines) - self.discount_total
+
+    def prices_include_tax_or(self, chain_default: bool) -> bool:
+        return chain_default if self.prices_include_tax is None else self.prices_include_tax
+
+    def expected_total(self, *, chain_prices_include_tax: bool) -> Decimal:
+        """What `total` must be: net + tax when prices exclude it + cash rounding."""
+        added_tax = self.tax or Decimal(0)
+        if self.prices_include_tax_or(chain_prices_include_tax):
+            added_tax = Decimal(0)
+        return self.net_sales + added_tax + self.rounding
+
     @model_validator(mode="after")
-    def _consistent(self) -> ReceiptEvent:
+    def _consistent(self, info: ValidationInfo) -> ReceiptEvent:
         seen: set[int] = set()
+        sign = Decimal(-1) if self.kind == "return" else Decimal(1)
         for index, line in enumerate(self.lines):
             if line.line_no in seen:
                 raise ValueError(f"lines[{index}].line_no: duplicate line number {line.line_no}")
             seen.add(line.line_no)
             if self.kind == "return" and (line.qty >= 0 or line.amount > 0):
                 raise ValueError(f"lines[{index}]: return lines need a negative qty and amount")
-        line_sum = sum((line.amount for line in self.lines), Decimal(0))
-        if line_sum != self.total:
-            raise ValueError(f"total: {self.total} is not the sum of line amounts ({line_sum})")
+        for index, discount in enumerate(self.discounts):
+            if discount.amount * sign < 0:
+                raise ValueError(f"discounts[{index}].amount: {discount.amount} must be {_signed(self.kind)}")
+        if self.tax is not None and self.tax * sign < 0:
+            raise ValueError(f"tax: {self.tax} must be {_signed(self.kind)}")
+        if self.discount_total and self.net_sales * sign < 0:
+            raise ValueError(
+                f"discounts: the discounts ({self.discount_total}) exceed the line amounts "
+                f"({self.net_sales + self.discount_total})"
+            )
+        if not (self.discounts or self.tax is not None or self.rounding or self.line_discount_total):
+            # A v1 receipt: keep the v1 rule and its message.
+            line_sum = self.net_sales
+            if line_sum != self.total:
+                raise ValueError(f"total: {self.total} is not the sum of line amounts ({line_sum})")
+            return self
+        chain_default = (info.context or {}).get("prices_include_tax")
+        if chain_default is None:
+            chain_default = get_settings().prices_include_tax
+        expected = self.expected_total(chain_prices_include_tax=chain_default)
+        if expected != self.total:
+            added_tax = expected - self.net_sales - self.rounding
+            raise ValueError(
+                f"total: {self.total} does not reconcile; expected {expected} = net sales {self.net_sales} "
+                f"(line amounts {self.net_sales + self.discount_total} - discounts {self.discount_total})"
+                f" + tax added to prices {added_tax} + rounding {self.rounding}"
+            )
         return self
+
+
+def _signed(kind: str) -> str:
+    return "0 or negative on a return" if kind == "return" else "0 or positive on a sale"
 
 
 class Customer(BaseModel):
@@ -269,8 +382,11 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(messages)
 
 
-def parse_event(payload: Any, *, now: datetime | None = None) -> Event:
-    """Validate one decoded JSON value against the contract or raise ContractError."""
+def parse_event(payload: Any, *, now: datetime | None = None, prices_include_tax: bool | None = None) -> Event:
+    """Validate one decoded JSON value against the contract or raise ContractError.
+
+    ``prices_include_tax`` is the chain's default for receipts that do not say (None: Settings).
+    """
     if not isinstance(payload, dict):
         raise ContractError(f"event: must be a JSON object, got {type(payload).__name__}")
     event_type = payload.get("type")
@@ -280,7 +396,7 @@ def parse_event(payload: Any, *, now: datetime | None = None) -> Event:
             raise ContractError("type: required")
         raise ContractError(f"type: unknown event type {event_type!r} (expected one of {', '.join(EVENT_TYPES)})")
     try:
-        return model.model_validate(payload, context={"now": now})  # type: ignore[return-value]
+        return model.model_validate(payload, context={"now": now, "prices_include_tax": prices_include_tax})  # type: ignore[return-value]
     except ValidationError as exc:
         raise ContractError(_describe(exc)) from None
 

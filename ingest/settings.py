@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # see FORWARDED_ALLOW_IPS of uvicorn), beside the per-account lockout: a `limits` rate string.
     login_rate_limit: str = "20/minute"
     timezone: str = "Asia/Shanghai"
+    # For receipts that do not say whether unit prices include their tax (Chinese chains price
+    # tax-inclusive) and whether reported sales include tax (as Chinese chains report them).
+    prices_include_tax: bool = True
+    sales_include_tax: bool = True
 
     @field_validator("timezone")
     @classmethod
