@@ -12,6 +12,7 @@ import typer
 from ingest.db import get_engine, session_scope
 from ingest.settings import get_settings
 from storepulse.cli_dead_letters import dead_letters_app
+from storepulse.cli_import import import_app
 from storepulse.cli_rules import alerts_app, promotions_app, rollups_app, rules_app, users_app
 from storepulse.cli_rules import scheduler as run_scheduler
 
@@ -34,6 +35,7 @@ app.add_typer(alerts_app, name="alerts")
 app.add_typer(promotions_app, name="promotions")
 app.add_typer(rollups_app, name="rollups")
 app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(import_app, name="import")
 
 
 @app.command("scheduler")
