@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ingest.models import Footfall, Member, Receipt, ReceiptLine, Region, RollupStoreHour, Sku, Staff, Store
 from ingest.timeseries import business_window
+from store_rules.sales import receipt_sales_sql
 
 ZERO = Decimal("0.00")
 CENT = Decimal("0.01")
@@ -129,13 +130,13 @@ def store_today(*, session: Session, store_id: str, now: datetime | None = None,
         bucket.visitors += row.visitors
     start = max(start, current)
     receipts = session.execute(
-        select(Receipt.occurred_at, Receipt.kind, Receipt.total).where(
+        select(Receipt.occurred_at, Receipt.kind, receipt_sales_sql()).where(
             Receipt.store_id == store_id, Receipt.occurred_at >= start, Receipt.occurred_at < end
         )
     )
-    for occurred_at, kind, total in receipts:
+    for occurred_at, kind, sales in receipts:
         bucket = hours.setdefault(occurred_at.astimezone(tz).hour, HourFigures(hour=occurred_at.astimezone(tz).hour))
-        bucket.sales += _money(total)
+        bucket.sales += _money(sales)
         if kind == "sale":
             bucket.transactions += 1
         else:
@@ -292,7 +293,7 @@ def chain_today(*, session: Session, now: datetime | None = None, timezone: str 
         sales = session.execute(
             select(
                 Receipt.store_id,
-                func.sum(Receipt.total),
+                func.sum(receipt_sales_sql()),
                 func.sum(case((Receipt.kind == "sale", 1), else_=0)),
                 func.sum(case((Receipt.kind == "sale", 0), else_=1)),
             )

@@ -40,7 +40,8 @@ Definitions (DESIGN.md, "Metrics"; the flow in force is `active_flow`):
 - **conversion rate** (转化率) = transactions ÷ visitors; transactions = sale receipts,
   visitors = the sum of footfall ``in``.
 - **average ticket** (客单价) = sales amount ÷ transactions; the sales amount is the sum of
-  receipt totals, returns included (they are negative), as on the store page.
+  the receipts' reported sales (net of discounts, with or without tax by the chain's setting:
+  `store_rules.sales`), returns included (they are negative), as on the store page.
 
 A consultation's steps are read from the days asked for plus `REACH` on either side (only for
 consultations that have a step in those days or that a receipt of those days names): enough
@@ -65,6 +66,7 @@ from ingest.models import ConsultationStep, Footfall, PromptAnswer, Receipt, Rec
 from ingest.timeseries import business_window
 from store_rules.definitions import FlowDefinition, active_flow, flow_controlled_skus
 from store_rules.flow import CONSULTATION_WINDOW, Consultation, StepRecord
+from store_rules.sales import receipt_sales_sql
 
 REACH = CONSULTATION_WINDOW  # the same window as the POS gate and the compliance check
 STORE_BATCH = 500  # store ids per IN list
@@ -204,7 +206,7 @@ ALL_PARTS = frozenset({RECEIPTS, LINES, STEPS, ANSWERS, FOOTFALL})
 class _Sale:
     occurred_at: datetime
     kind: str
-    total: Decimal
+    sales: Decimal  # reported sales (store_rules.sales)
     consultation: Consultation | None
     flow_controlled: bool
 
@@ -291,9 +293,9 @@ def _load(
                             .distinct()
                         )
                     }
-                for store_id, event_id, occurred_at, kind, total, consultation_id in session.execute(
+                for store_id, event_id, occurred_at, kind, sales, consultation_id in session.execute(
                     select(
-                        Receipt.store_id, Receipt.event_id, Receipt.occurred_at, Receipt.kind, Receipt.total,
+                        Receipt.store_id, Receipt.event_id, Receipt.occurred_at, Receipt.kind, receipt_sales_sql(),
                         Receipt.consultation_id,
                     ).where(Receipt.store_id.in_(ids), _within(Receipt.occurred_at, core))
                 ):  # fmt: skip
@@ -304,7 +306,7 @@ def _load(
                         _Sale(
                             occurred_at=occurred_at,
                             kind=kind,
-                            total=_money(total),
+                            sales=_money(sales),
                             consultation=consultations.get((store_id, consultation_id)) if consultation_id else None,
                             flow_controlled=(event_id, occurred_at) in controlled_receipts,
                         )
@@ -430,7 +432,7 @@ def _conversion_rate(day: _StoreDay) -> Ratio:
 
 
 def _average_ticket(day: _StoreDay) -> MoneyRatio:
-    amount = sum((r.total for r in day.receipts), ZERO)
+    amount = sum((r.sales for r in day.receipts), ZERO)
     return MoneyRatio(amount, sum(1 for r in day.receipts if r.kind == "sale"))
 
 
@@ -506,7 +508,7 @@ def conversion_rate(*, session: Session, store_id: str, day: date) -> Ratio:
 
 
 def average_ticket(*, session: Session, store_id: str, day: date) -> MoneyRatio:
-    """Sales amount (receipt totals, returns included) ÷ transactions (sale receipts)."""
+    """Sales amount (reported sales of the receipts, returns included) ÷ transactions (sale receipts)."""
     loaded, _ = _one_day(session, store_id, day, frozenset({RECEIPTS}))
     return _average_ticket(loaded)
 

@@ -44,11 +44,13 @@ from ingest.models import (
 )
 from ingest.timeseries import business_window
 from store_rules.metrics import REACH, Ratio, store_days
+from store_rules.sales import event_sales, line_net_sql, receipt_sales_sql
 
 log = logging.getLogger(__name__)
 RATIOS = ("conversion_rate", "step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
 BATCH = 200  # store-days recomputed per transaction by `refresh`
 HOUR_COUNTERS = ("sales", "transactions", "returns", "visitors")
+CENT = Decimal("0.01")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def mark_dirty(session: Session, events: Sequence[Event]) -> None:
             key = (event.store_id, _hour(event.occurred_at))
             row = hours.setdefault(key, _empty_hour(*key))
             if isinstance(event, ReceiptEvent):
-                row["sales"] += Decimal(event.total)
+                row["sales"] += event_sales(event)
                 row["transactions" if event.kind == "sale" else "returns"] += 1
             else:
                 row["visitors"] += event.count_in
@@ -184,7 +186,8 @@ def compute(session: Session, stores: Sequence[Store], days: Sequence[date]) -> 
             start, end = business_window(day, tz)
             for store_id, total, sales, returns in session.execute(
                 select(
-                    Receipt.store_id, func.sum(Receipt.total), func.sum(case((Receipt.kind == "sale", 1), else_=0)),
+                    Receipt.store_id, func.sum(receipt_sales_sql()),
+                    func.sum(case((Receipt.kind == "sale", 1), else_=0)),
                     func.sum(case((Receipt.kind == "sale", 0), else_=1)),
                 )
                 .where(Receipt.store_id.in_(ids), Receipt.occurred_at >= start, Receipt.occurred_at < end)
@@ -215,7 +218,7 @@ def _sku_days(session: Session, stores: Sequence[Store], day: date) -> list[dict
         start, end = business_window(day, ZoneInfo(zone_name))
         rows = session.execute(
             select(
-                ReceiptLine.store_id, ReceiptLine.sku, func.sum(ReceiptLine.qty), func.sum(ReceiptLine.amount),
+                ReceiptLine.store_id, ReceiptLine.sku, func.sum(ReceiptLine.qty), func.sum(line_net_sql()),
                 func.count(), func.sum(case((ReceiptLine.promotion_id.is_not(None), 1), else_=0)),
             )
             .where(
@@ -240,12 +243,12 @@ def _rewrite_hours(session: Session, stores: Sequence[Store], day: date) -> None
     for zone_name, ids in by_zone.items():
         start, end = business_window(day, ZoneInfo(zone_name))
         hours: dict[tuple[str, datetime], dict[str, Any]] = {}
-        receipts = select(Receipt.store_id, Receipt.occurred_at, Receipt.kind, Receipt.total).where(
+        receipts = select(Receipt.store_id, Receipt.occurred_at, Receipt.kind, receipt_sales_sql()).where(
             Receipt.store_id.in_(ids), Receipt.occurred_at >= start, Receipt.occurred_at < end
         )
-        for store_id, at, kind, total in session.execute(receipts):
+        for store_id, at, kind, sales in session.execute(receipts):
             row = hours.setdefault((store_id, _hour(at)), _empty_hour(store_id, _hour(at)))
-            row["sales"] += Decimal(str(total))
+            row["sales"] += Decimal(str(sales)).quantize(CENT)
             row["transactions" if kind == "sale" else "returns"] += 1
         footfall = select(Footfall.store_id, Footfall.occurred_at, Footfall.count_in).where(
             Footfall.store_id.in_(ids), Footfall.occurred_at >= start, Footfall.occurred_at < end

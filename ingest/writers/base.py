@@ -30,10 +30,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "receipts": (
         "event_id", "occurred_at", "store_id", "terminal_id", "receipt_id", "kind", "staff_id",
         "member_id", "consultation_id", "total", "line_count", "received_at", "raw",
+        "net_total", "discount_total", "tax_total", "prices_include_tax", "tenders", "source_name",
     ),
     "receipt_lines": (
         "event_id", "line_no", "occurred_at", "store_id", "receipt_id", "kind", "sku", "qty",
-        "unit_price", "amount", "promotion_id",
+        "unit_price", "amount", "promotion_id", "discount",
     ),
     "consultation_steps": (
         "event_id", "occurred_at", "store_id", "terminal_id", "consultation_id", "staff_id",
@@ -103,6 +104,12 @@ def flatten(events: Sequence[Event], raws: Sequence[dict[str, Any]], received_at
                 len(event.lines),
                 received_at,
                 raw,
+                event.net_sales,
+                event.discount_total,
+                event.tax,
+                event.prices_include_tax,
+                tenders_doc(event),
+                event.source.name if event.source else None,
             )
             lines = rows.children.setdefault("receipt_lines", [])
             for line in event.lines:
@@ -119,6 +126,7 @@ def flatten(events: Sequence[Event], raws: Sequence[dict[str, Any]], received_at
                         line.unit_price,
                         line.amount,
                         line.promotion_id,
+                        line.discount,
                     )
                 )
         elif isinstance(event, ConsultationStepEvent):
@@ -175,6 +183,13 @@ def flatten(events: Sequence[Event], raws: Sequence[dict[str, Any]], received_at
         rows.headers.setdefault(table, []).append(header)
         rows.owners.setdefault(table, []).append(position)
     return rows
+
+
+def tenders_doc(event: ReceiptEvent) -> list[dict[str, str]] | None:
+    """Tenders as stored: amounts as exact decimal strings, the same JSON on every backend."""
+    if event.tenders is None:
+        return None
+    return [{"type": tender.type, "amount": str(tender.amount)} for tender in event.tenders]
 
 
 def event_key(event: Event) -> tuple[str, str, datetime]:
