@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pandas as pd
@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ingest.models import Base, Member, Region, SafetyStock, Sensor, Sku, Staff, Store, Terminal
+from ingest.models import Base, Member, Region, SafetyStock, Sensor, Sku, SourceMapping, Staff, Store, Terminal
 
 _TRUE = {"1", "true", "yes", "y", "是", "t", "x"}
 _FALSE = {"0", "false", "no", "n", "否", "f", ""}
@@ -143,6 +143,16 @@ class SafetyStockRow(_Row):
         return value
 
 
+class SourceMappingRow(_Row):
+    """A till system's own id (POSLog store, item id or GTIN, operator) → a StorePulse id."""
+
+    kind: Literal["store", "sku", "staff"]
+    # The adapter the id belongs to (poslog, sales:NAME, db:NAME), or * for every source.
+    source: Annotated[str, BeforeValidator(lambda v: v or "*"), StringConstraints(min_length=1, max_length=64)] = "*"
+    external_id: Key
+    target_id: Key
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -173,6 +183,7 @@ KINDS: dict[str, Kind] = {
             (("store_id", "stores"), ("sku", "skus")),
             wildcard="*",
         ),
+        Kind("source_mappings", SourceMappingRow, SourceMapping, ("kind", "source", "external_id")),
     )
 }
 IMPORT_ORDER = tuple(KINDS)
