@@ -57,7 +57,7 @@ def _engine() -> Engine:
     return get_engine(get_settings().effective_database_url)
 
 
-def _destination(to: str | None, token: str | None, source: str, dry_run: bool) -> Any:
+def _destination(to: str | None, token: str | None, source: str, dry_run: bool, chunk_size: int | None = None) -> Any:
     from adapters.sources.importer import ImportFailed, destination_for
 
     if dry_run:
@@ -65,7 +65,12 @@ def _destination(to: str | None, token: str | None, source: str, dry_run: bool) 
     settings = get_settings()
     try:
         return destination_for(
-            to, token=token, engine=None if to else _engine(), source=source, topic_prefix=settings.mqtt_topic_prefix
+            to,
+            token=token,
+            engine=None if to else _engine(),
+            source=source,
+            topic_prefix=settings.mqtt_topic_prefix,
+            **({"chunk_size": chunk_size} if chunk_size else {}),
         )
     except ImportFailed as exc:
         _fail(str(exc))
@@ -124,34 +129,29 @@ def _import_files(
     dry_run: bool,
     to: str | None,
     token: str | None,
-    strict: bool = False,
     report_json: Path | None = None,
 ) -> None:
     from adapters.sources.base import ImportReport
     from adapters.sources.importer import ImportOutcome, deliver
 
-    context = _context(adapter_name.split(":")[0], store_map)
+    context = _context(getattr(adapter, "source_name", adapter_name.split(":")[0]), store_map)
     outcomes: list[ImportOutcome] = []
     for path in paths:
         try:
             conversion = adapter.convert(path, context=context)
-        except Exception as exc:  # the adapter could not read this file; go on with the others
-            outcome = ImportOutcome(ImportReport(adapter_name, str(path)), error=f"file not imported: {exc}")
+        except Exception as exc:  # the adapter refused this file (--strict) or could not read it; go on
+            report = getattr(exc, "report", None)
+            if not isinstance(report, ImportReport):
+                report = ImportReport(adapter_name, str(path))
+            outcome = ImportOutcome(report, error=f"file not imported: {exc}", dry_run=dry_run)
         else:
             conversion.report.file = conversion.report.file or str(path)
-            if strict and conversion.report.skipped:
-                outcome = ImportOutcome(
-                    conversion.report,
-                    error=f"--strict: {len(conversion.report.skipped)} item(s) refused, so the whole file was not "
-                    "imported",
-                )
-            else:
-                destination = _destination(to, token, f"import:{adapter_name}:{path.name}"[:200], dry_run)
-                with _progress(len(conversion.events), path.name) as advance:
-                    try:
-                        outcome = deliver(conversion, destination, progress=advance)
-                    except SQLAlchemyError as exc:
-                        outcome = ImportOutcome(conversion.report, error=f"database: {exc}")
+            destination = _destination(to, token, f"import:{adapter_name}:{path.name}"[:200], dry_run)
+            with _progress(len(conversion.events), path.name) as advance:
+                try:
+                    outcome = deliver(conversion, destination, progress=advance)
+                except SQLAlchemyError as exc:
+                    outcome = ImportOutcome(conversion.report, error=f"database: {exc}")
         outcomes.append(outcome)
         _echo_outcome(outcome)
     _write_reports(report_json, outcomes)
@@ -174,10 +174,10 @@ def _summary_and_exit(outcomes: Sequence[Any]) -> None:
 
 
 def _adapter(name: str, **options: Any) -> Any:
-    from adapters.sources.base import get_adapter
+    from adapters.sources.importer import adapter_named
 
     try:
-        return get_adapter(name, **options)
+        return adapter_named(name, **options)
     except LookupError as exc:
         _fail(str(exc))
     except (TypeError, ValueError) as exc:  # e.g. an unknown sales profile
@@ -210,8 +210,8 @@ def import_sales(
     report_json: ReportJson = None,
 ) -> None:
     """Spreadsheet and CSV sales exports (海典, 英克, 科脉 ...), read through a mapping profile."""
-    _import_files(f"sales:{profile}", _adapter("sales", profile=profile), paths, store_map=store_map,
-                  dry_run=dry_run, to=to, token=token, strict=strict, report_json=report_json)  # fmt: skip
+    _import_files(f"sales:{profile}", _adapter("sales", profile=profile, strict=strict), paths, store_map=store_map,
+                  dry_run=dry_run, to=to, token=token, report_json=report_json)  # fmt: skip
 
 
 def _stop_on_signals() -> threading.Event:
@@ -248,7 +248,7 @@ def import_db(
         _fail(str(exc))
         raise
     store = _engine()
-    destination = _destination(to, token, spec.source_name, dry_run)
+    destination = _destination(to, token, spec.source_name, dry_run, chunk_size=spec.batch_size)
 
     def show(result: PullResult) -> None:
         _echo_outcome(result.outcome)
@@ -304,7 +304,7 @@ def import_watch(
     try:
         folder = DropFolder(
             directory, adapter_spec=adapter, store=_engine(), destination=destination,
-            context_for=lambda: _context(adapter.split(":")[0], store_map),
+            context_for=lambda source: _context(source, store_map),
             settle_s=settle, poll_s=poll, on_file=show,
         )  # fmt: skip
     except (LookupError, TypeError, ValueError) as exc:

@@ -35,8 +35,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from adapters.sources.base import AdapterContext, ImportReport, SourceAdapter, get_adapter
-from adapters.sources.importer import Destination, ImportOutcome, deliver
+from adapters.sources.base import AdapterContext, ImportReport, SourceAdapter
+from adapters.sources.importer import Destination, ImportOutcome, adapter_named, deliver
 from ingest.db import session_scope
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,10 @@ def adapter_from_spec(spec: str) -> tuple[str, SourceAdapter]:
     if name == "sales":
         if not option:
             raise LookupError("--adapter: sales needs its profile, e.g. sales:chaoyang_pharmacy")
-        return spec, get_adapter("sales", profile=option)
+        return spec, adapter_named("sales", profile=option)
     if option:
         raise LookupError(f"--adapter: {spec!r}: only sales takes a profile (sales:NAME)")
-    return spec, get_adapter(name)
+    return spec, adapter_named(name)
 
 
 def file_sha256(path: Path) -> str:
@@ -97,7 +97,7 @@ class DropFolder:
         adapter_spec: str,
         store: Engine,
         destination: Destination | None,
-        context_for: Callable[[], AdapterContext],
+        context_for: Callable[[str], AdapterContext],
         settle_s: float = 2.0,
         poll_s: float = 1.0,
         on_file: Callable[[FileResult], None] | None = None,
@@ -115,6 +115,9 @@ class DropFolder:
         self._dry_done: set[Path] = set()
         (directory / DONE).mkdir(parents=True, exist_ok=True)
         (directory / FAILED).mkdir(parents=True, exist_ok=True)
+
+    def _context(self) -> AdapterContext:
+        return self.context_for(getattr(self.adapter, "source_name", self.adapter_spec.split(":")[0]))
 
     def ready_files(self, now: float | None = None) -> list[Path]:
         """Files whose size and mtime have been stable for the settle time, oldest first."""
@@ -170,7 +173,7 @@ class DropFolder:
     def _dry_run(self, path: Path) -> FileResult:
         self._dry_done.add(path)
         try:
-            conversion = self.adapter.convert(path, context=self.context_for())
+            conversion = self.adapter.convert(path, context=self._context())
         except Exception as exc:
             outcome = ImportOutcome(ImportReport(self.adapter_spec, path.name), error=_read_error(exc), dry_run=True)
             return FileResult(path, None, "dry-run", outcome)
@@ -195,9 +198,12 @@ class DropFolder:
 
     def _import(self, path: Path, sha: str) -> FileResult:
         try:
-            conversion = self.adapter.convert(path, context=self.context_for())
-        except Exception as exc:  # the adapter could not read the file: that is the file's fault
-            outcome = ImportOutcome(ImportReport(self.adapter_spec, path.name), error=_read_error(exc))
+            conversion = self.adapter.convert(path, context=self._context())
+        except Exception as exc:  # the adapter could not read or refused the file: that is the file's fault
+            report = getattr(exc, "report", None)
+            if not isinstance(report, ImportReport):
+                report = ImportReport(self.adapter_spec, path.name)
+            outcome = ImportOutcome(report, error=_read_error(exc))
             body = outcome.as_dict()
             with session_scope(self.store) as session:
                 self._finish(session, sha, FAILED, body)

@@ -35,7 +35,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from adapters.sources.base import AdapterContext, Conversion, ImportReport
+from adapters.sources.base import AdapterContext, Conversion, ImportReport, SourceAdapter, get_adapter
 from ingest.db import session_scope
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,24 @@ class Destination(Protocol):
     def deliver(
         self, events: Sequence[dict[str, Any]], *, after: AfterDelivery | None = None, progress: Progress | None = None
     ) -> list[tuple[str | None, str, str | None]]: ...
+
+
+# Adapters register themselves when their module is imported; these are the ones StorePulse ships.
+ADAPTER_MODULES = {
+    "poslog": "adapters.sources.poslog",
+    "sales": "adapters.sources.sales_table",
+    "online_retail": "adapters.sources.online_retail",
+}
+
+
+def adapter_named(name: str, **options: Any) -> SourceAdapter:
+    """`get_adapter` after importing the module of a shipped adapter, so it is registered."""
+    import importlib
+
+    module = ADAPTER_MODULES.get(name)
+    if module is not None:
+        importlib.import_module(module)
+    return get_adapter(name, **options)
 
 
 def _chunks(items: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
@@ -301,13 +319,19 @@ class MqttDestination:
 
 
 def destination_for(
-    to: str | None, *, token: str | None, engine: Engine | None, source: str, topic_prefix: str = "storepulse/v1"
+    to: str | None,
+    *,
+    token: str | None,
+    engine: Engine | None,
+    source: str,
+    topic_prefix: str = "storepulse/v1",
+    chunk_size: int = LOCAL_CHUNK,
 ) -> Destination:
     """The local database (no `to`), a remote StorePulse over HTTP(S), or a broker (mqtt://, mqtts://)."""
     if not to:
         if engine is None:
             raise ImportFailed("database: no engine to store into")
-        return LocalDestination(engine, source=source)
+        return LocalDestination(engine, source=source, chunk_size=chunk_size)
     scheme = urlsplit(to).scheme
     if scheme in ("http", "https"):
         if not token:
