@@ -162,7 +162,7 @@ def stored(engine: Engine) -> tuple[int, int, Decimal, Decimal]:
         returns = session.scalar(
             select(func.coalesce(func.sum(ReceiptLine.amount), 0)).where(ReceiptLine.kind == "return")
         )
-    return int(receipts or 0), int(lines or 0), Decimal(sales), Decimal(returns)
+    return int(receipts or 0), int(lines or 0), Decimal(sales or 0), Decimal(returns or 0)
 
 
 def expected(rows: list[Row]) -> tuple[int, int, Decimal, Decimal]:
@@ -273,8 +273,8 @@ def test_profile_errors_name_the_field(tmp_path: Path) -> None:
     from adapters.sources.db_pull import ProfileError
 
     path = tmp_path / "bad.db.yaml"
-    path.write_text(yaml.safe_dump({"name": "bad", "database_url": "sqlite://", "query": "SELECT 1",
-                                    "watermark": {"column": "oper_date"}, "receipt": {}}), encoding="utf-8")  # fmt: skip
+    bad = {"name": "bad", "database_url": "sqlite://", "query": "SELECT 1", "watermark": {"column": "oper_date"}}
+    path.write_text(yaml.safe_dump({**bad, "receipt": {}}), encoding="utf-8")
     with pytest.raises(ProfileError, match=r"bad.db.yaml: query: Value error, the query must compare"):
         load_profile(str(path))
     with pytest.raises(ProfileError, match=r"no database profile 'nope'.*shipped: siss_saleflow"):
