@@ -196,9 +196,13 @@ class _Reader:
     def __init__(self, namespace: str, dialect: str) -> None:
         self.ns = f"{{{namespace}}}" if namespace else ""
         self.dialect = dialect
+        self._qualified: dict[str, str] = {}
 
     def q(self, path: str) -> str:
-        return "/".join(self.ns + part for part in path.split("/"))
+        qualified = self._qualified.get(path)
+        if qualified is None:
+            qualified = self._qualified[path] = "/".join(self.ns + part for part in path.split("/"))
+        return qualified
 
     def text(self, element: ET.Element, path: str) -> str | None:
         found = element.find(self.q(path))
@@ -548,44 +552,46 @@ class _Reader:
 
 
 def _read_file(path: Path, report: ImportReport) -> Iterator[_Transaction]:
-    """Stream the `Transaction` elements of a POSLog file (iterparse keeps memory flat on big logs)."""
+    """Stream the `Transaction` elements of a POSLog file (iterparse keeps memory flat on big logs).
+
+    Only end events are asked for: an NCR log is mostly inline SVG signatures, and an event per
+    element start would double the parse time. A `Transaction` is only ever a child of `POSLog`.
+    """
     namespaces: dict[str, str] = {}
     reader: _Reader | None = None
-    depth = 0
+    transaction_tag = ""
     index = 0
-    root: ET.Element | None = None
+    last: ET.Element | None = None
     try:
-        for event, item in ET.iterparse(path, events=("start-ns", "start", "end")):
+        for event, item in ET.iterparse(path, events=("start-ns", "end")):
             if event == "start-ns":
                 prefix, uri = item
-                namespaces[prefix] = uri
+                # The root's declarations come first; later ones (Retalix re-declares the default
+                # namespace inside its extensions) must not replace them.
+                namespaces.setdefault(prefix, uri)
                 continue
-            element: ET.Element = item
-            if event == "start":
-                depth += 1
-                if depth == 1:
-                    root = element
-                    if _local(element.tag) != "POSLog":
-                        raise PoslogFormatError(f"{path.name}: root element is {_local(element.tag)!r}, not POSLog")
-                    namespace = element.tag[1:].partition("}")[0] if element.tag.startswith("{") else ""
-                    dialect = next(
-                        (DIALECT_BY_NAMESPACE[uri] for uri in namespaces.values() if uri in DIALECT_BY_NAMESPACE),
-                        "arts",
-                    )
-                    if namespace and namespace != IXRETAIL:
-                        report.findings.append(f"{path.name}: POSLog namespace {namespace!r} is not IXRetail")
-                    reader = _Reader(namespace, dialect)
-                    report.counts[f"dialect.{dialect}"] += 1
-                continue
-            depth -= 1
-            if depth == 1 and reader is not None and _local(element.tag) == "Transaction":
+            if reader is None:
+                namespace = namespaces.get("", "")
+                dialect = next(
+                    (DIALECT_BY_NAMESPACE[uri] for uri in namespaces.values() if uri in DIALECT_BY_NAMESPACE),
+                    "arts",
+                )
+                if namespace != IXRETAIL:
+                    report.findings.append(f"{path.name}: POSLog namespace {namespace!r} is not IXRetail")
+                reader = _Reader(namespace, dialect)
+                transaction_tag = reader.q("Transaction")
+                report.counts[f"dialect.{dialect}"] += 1
+            last = item
+            if item.tag == transaction_tag:
                 index += 1
-                yield reader.transaction(element, f"{path.name}#Transaction[{index}]")
-                if root is not None:
-                    root.clear()  # done with it: keep memory flat
+                yield reader.transaction(item, f"{path.name}#Transaction[{index}]")
+                item.clear()  # done with it: keep memory flat
     except ET.ParseError as exc:
         line, column = exc.position
         raise PoslogFormatError(f"{path}:{line}:{column}: not well-formed XML ({exc})") from None
+    if last is None or _local(last.tag) != "POSLog":
+        found = "nothing" if last is None else repr(_local(last.tag))
+        raise PoslogFormatError(f"{path.name}: the root element is {found}, not POSLog")
 
 
 def _dialect(report: ImportReport) -> str:
