@@ -284,6 +284,7 @@ def import_watch(
     adapter: Annotated[str, typer.Option("--adapter", help="poslog, or sales:PROFILE")],
     settle: Annotated[float, typer.Option("--settle", min=0, help="seconds a file's size and mtime must hold")] = 2.0,
     poll: Annotated[float, typer.Option("--poll", min=0.05, help="seconds between looks at the folder")] = 1.0,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="events per transaction (local)")] = 1000,
     store_map: StoreMap = None,
     dry_run: DryRun = False,
     to: To = None,
@@ -292,7 +293,7 @@ def import_watch(
     """Import files dropped into DIR once complete; move each to DIR/done/ or DIR/failed/ with its report."""
     from adapters.sources.drop_folder import DropFolder, FileResult
 
-    destination = _destination(to, token, f"import:watch:{adapter}"[:200], dry_run)
+    destination = _destination(to, token, f"import:watch:{adapter}"[:200], dry_run, chunk_size=chunk_size)
 
     def show(result: FileResult) -> None:
         _echo_outcome(result.outcome)
