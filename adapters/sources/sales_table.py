@@ -432,7 +432,8 @@ class _Conversion:
                 amounts[name] = None
             found = amounts[name]
             if found is not None:
-                self.report.add(f"refused_{name}", found)
+                # Shown in cents like the other totals, unless the cell has more decimals than that.
+                self.report.add(f"refused_{name}", cents(found) if cents(found) == found else found)
         self.report.refused_rows.append(RefusedRow(row, reason, amounts["list_amount"], amounts["paid_amount"]))
         self.report.skip(f"{self.where}{row}", reason)
         self.report.counts["rows_refused"] += 1
