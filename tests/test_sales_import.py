@@ -411,7 +411,11 @@ def test_shipped_profiles_load() -> None:
             "required: [qty, list_amount]\nstore:\n",
             "p.yaml:9: required: 'list_amount' has no column in columns",
         ),
-        ("  kind: csv\n", "  kind: csv\n  delimiter: [\n", "p.yaml:6: not valid YAML (expected ',' or ']', but got ':')"),
+        (
+            "  kind: csv\n",
+            "  kind: csv\n  delimiter: [\n",
+            "p.yaml:6: not valid YAML (expected ',' or ']', but got ':')",
+        ),
     ],
 )
 def test_profile_errors_name_file_line_and_field(old: str, new: str, error: str) -> None:
