@@ -176,3 +176,32 @@ def test_store_pc_pushes_over_mqtt_with_qos_1(mosquitto: tuple[str, int], ncr_fi
         client.disconnect()
     assert sum(n for _, n in received) == 42
     assert {topic for topic, _ in received} <= {f"{prefix}/S001/pos/{ws}/events" for ws in map(str, range(1, 100))}
+
+
+def test_http_push_retries_until_the_server_answers(chain: Engine) -> None:
+    """Connection refused at first: the batch is sent again with backoff once the server is up."""
+    import time
+
+    from adapters.sources.base import Conversion, ImportReport
+    from adapters.sources.importer import HttpDestination, deliver
+    from tests import factories as f
+
+    with session_scope(chain) as session:
+        token = create_token(session=session, store_id="S001", name="late-pc").token
+    server = LiveServer(make_app(chain))
+    starter = threading.Timer(1.0, server.__enter__)
+    starter.start()
+    try:
+        begun = time.monotonic()
+        outcome = deliver(
+            Conversion([f.receipt(1), f.receipt(2)], ImportReport("test")),
+            HttpDestination(server.url, token, retries=8, backoff_s=0.3),
+        )
+        waited = time.monotonic() - begun
+    finally:
+        starter.join()
+        server.__exit__(None, None, None)
+    assert outcome.error is None
+    assert dict(outcome.delivery) == {"accepted": 2}
+    assert waited >= 0.9
+    assert receipts(chain) == 2

@@ -269,6 +269,26 @@ def test_a_pull_killed_mid_increment_resumes_without_doubles(mapped_chain: Engin
     source.dispose()
 
 
+def test_the_pull_loop_stops_cleanly_on_sigterm(mapped_chain: Engine, source_url: str, profile_path: Path) -> None:
+    source = create_engine(source_url)
+    rows = flows(1, 300, START)
+    insert(source, rows)
+    env = {**os.environ, "STOREPULSE_DATABASE_URL": mapped_chain.url.render_as_string(hide_password=False)}
+    command = [*STOREPULSE, "import", "db", "--profile", str(profile_path), "--interval", "0.2"]
+    puller = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while watermark(mapped_chain) is None:
+        assert puller.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    puller.send_signal(signal.SIGTERM)
+    out, err = puller.communicate(timeout=60)
+    assert puller.returncode == 0, err
+    assert "SIGTERM: stopping after the current step" in err
+    assert out.rstrip().endswith(f"{PROFILE}: stopped")
+    assert stored(mapped_chain) == expected(rows)
+    source.dispose()
+
+
 def test_profile_errors_name_the_field(tmp_path: Path) -> None:
     from adapters.sources.db_pull import ProfileError
 
