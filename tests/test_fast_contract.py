@@ -263,7 +263,7 @@ ODD_VALUES = st.one_of(
             "2026-11-22T01:00:00Z", "2026-11-22T01:00:00", "1999-01-01T00:00:00+00:00", "2026-11-22T09:00:00+08:00",
             "x" * 64, "x" * 65, "x" * 201,
         ]
-    ),
+    ).map(copy.deepcopy),  # a fresh object each time: a drawn dict may be mutated later
     st.text(max_size=8),
     st.integers(min_value=-(10**12), max_value=10**12),
     st.decimals(allow_nan=False, places=3, min_value=-1000, max_value=1000).map(str),
