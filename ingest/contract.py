@@ -173,6 +173,20 @@ class ReceiptSource(BaseModel):
         return self
 
 
+def _source_shorthand(value: Any) -> Any:
+    # Before `source` was part of the contract, senders (the online-retail adapter among them)
+    # put a plain name there: it still means the source's name, and one that cannot be a name
+    # stays what it was then, an extra field kept in the raw payload only.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("text with a NUL character cannot be stored")
+        name = value.strip()
+        return {"name": name} if 0 < len(name) <= 64 else None
+    if value is not None and not isinstance(value, dict | ReceiptSource):
+        raise ValueError('must be an object with a name, e.g. {"name": "poslog"}')
+    return value
+
+
 def _sum(values: Any) -> Decimal:
     return sum(values, Decimal(0))
 
@@ -192,7 +206,7 @@ class ReceiptEvent(_Event):
     prices_include_tax: bool | None = None
     tenders: list[Tender] | None = Field(default=None, max_length=1000)
     rounding: Amount = Decimal(0)
-    source: ReceiptSource | None = None
+    source: Annotated[ReceiptSource | None, BeforeValidator(_source_shorthand)] = None
     total: Amount
 
     @property

@@ -149,6 +149,9 @@ def test_a_v1_receipt_means_what_it_meant(chain: Engine) -> None:
         session.execute(update(Receipt).where(Receipt.receipt_id == "V1").values(net_total=None))
         stores = list(session.scalars(select(Store).where(Store.store_id == "S001")))
         assert rollups.compute(session, stores, [DAY])[("S001", DAY)].sales == Decimal("12.30")
+    # A plain-text `source` (sent before `source` was part of the contract) is still accepted: its name.
+    ingest(chain, [{**sale("V3", local(DAY, 9)), "source": "uci-online-retail"}])
+    assert stored(chain, "V3")[0].source_name == "uci-online-retail"
     # The v1 rule and its message are unchanged.
     with session_scope(chain) as session:
         [result] = ingest_payloads([{**sale("V2", local(DAY, 9)), "total": "9.99"}], session=session, source="test")
@@ -307,6 +310,7 @@ def test_totals_that_do_not_reconcile_are_refused_with_the_expected_figure(chain
         ({"source": {"store": "9"}}, "source.name: required"),
         ({"source": {"name": "poslog", "store": 9}}, "source: 'store' must be text of at most 64 characters"),
         ({"rounding": "x"}, "rounding: amount 'x' is not a decimal number"),
+        ({"source": 9}, 'source: must be an object with a name, e.g. {"name": "poslog"}'),
     ],
 )
 def test_a_return_keeps_its_signs_and_bad_additions_name_their_field(
