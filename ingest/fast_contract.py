@@ -88,6 +88,7 @@ _CACHE_SIZE = 50_000
 _amounts: dict[Any, Decimal] = {}
 _quantities: dict[Any, Decimal] = {}
 _ids: set[str] = set()
+_keys: set[str] = set()
 
 _new = object.__new__
 _set = object.__setattr__
@@ -187,8 +188,12 @@ def _extra(item: dict[str, Any], fields: frozenset[str]) -> dict[str, Any] | Non
         return {}
     extra = {key: value for key, value in item.items() if key not in fields}
     for key in extra:
-        if type(key) is not str or not _text_ok(key):
-            return None
+        if key not in _keys:
+            if type(key) is not str or not _text_ok(key):
+                return None
+            if len(_keys) >= _CACHE_SIZE:
+                _keys.clear()
+            _keys.add(key)
     return extra
 
 
