@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from decimal import Decimal
 from pathlib import Path
 
@@ -62,11 +63,19 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) -> 
 
 
 def receipts_of(engine: Engine, number: int) -> int:
-    # A plain connection: on SQLite a WAL reader then never queues for the watcher's write lock.
-    with engine.connect() as connection:
-        count = connection.scalar(
-            select(func.count()).select_from(Receipt).where(Receipt.receipt_id.like(f"XS{number:03d}%"))
-        )
+    pattern = f"XS{number:03d}%"
+    if engine.dialect.name == "sqlite":
+        # A plain sqlite3 read: in WAL mode it never queues for the watcher's write lock, as the
+        # engine's BEGIN IMMEDIATE would (and then see only the end of the import).
+        import sqlite3
+
+        with closing(sqlite3.connect(str(engine.url.database), isolation_level=None)) as connection:
+            (count,) = connection.execute(
+                "SELECT count(*) FROM receipts WHERE receipt_id LIKE ?", (pattern,)
+            ).fetchone()
+        return int(count)
+    with engine.connect() as conn:
+        count = conn.scalar(select(func.count()).select_from(Receipt).where(Receipt.receipt_id.like(pattern)))
     return int(count or 0)
 
 
