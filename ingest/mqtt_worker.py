@@ -14,6 +14,7 @@ least once a minute and reports "failing" on its health endpoint until a commit 
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import random
@@ -476,6 +477,10 @@ class IngestWorker:
             self._host, self._port, keepalive=30, clean_start=False, properties=self._connect_properties()
         )
         self.client.loop_start()
+        # Start-up objects (modules, table metadata, settings) live as long as the worker; frozen,
+        # the full collections that each batch's thousands of new events set off no longer walk them.
+        gc.collect()
+        gc.freeze()
         try:
             while not self.stopping.is_set():
                 batch = self._collect()
