@@ -1,6 +1,6 @@
 """A fast path of the contract for the payloads tills send every second.
 
-`parse_fast` accepts a payload only when every rule of ingest/contract.py holds, and then
+`parse_fast` accepts a payload only when every rule of ingest/contract_models.py holds, and then
 returns the very pydantic instances `model_validate` would build, assembled without validating
 them again. On any error, and on anything unusual (a float amount, an id with spaces round it,
 a string where a number belongs, a `count_in` key), it returns None, and `parse_event` runs the
@@ -9,7 +9,7 @@ never words an error.
 
 Receipts, footfall and consultation steps take the fast path; prompt answers and stock
 snapshots are rare and always take the models. The field lists of the models are checked at
-import: if contract.py gains or reorders a field, the types concerned fall back to the models
+import: if contract_models.py gains or reorders a field, the types concerned fall back to the models
 until this module is updated (tests/test_fast_contract.py fails meanwhile). A changed rule is
 caught by that test's differential corpus and mutations, which compare both paths.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ingest.contract import (
+from ingest.contract_models import (
     EARLIEST_YEAR,
     MAX_FUTURE,
     STEPS,

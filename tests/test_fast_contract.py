@@ -132,7 +132,7 @@ def test_valid_payloads_give_the_same_event_and_the_fast_path_takes_them(payload
 
 
 def test_the_fast_path_covers_receipts_footfall_and_steps_with_todays_contract() -> None:
-    # Empty when contract.py gained or reordered a field: update ingest/fast_contract.py, then this test.
+    # Empty when contract_models.py gained or reordered a field: update ingest/fast_contract.py, then this test.
     assert sorted(FAST_TYPES) == ["consultation_step", "footfall", "receipt"]
 
 
