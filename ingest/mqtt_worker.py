@@ -14,7 +14,6 @@ least once a minute and reports "failing" on its health endpoint until a commit 
 
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import random
@@ -39,6 +38,7 @@ from sqlalchemy import Engine
 
 from ingest.db import session_scope
 from ingest.errors import Diagnosis, classify
+from ingest.gc_tuning import batch_gc_thresholds, freeze_startup_objects
 from ingest.health import WorkerHealth, iso, schema_problem, serve_worker_health
 from ingest.service import AckError, Inbound, dead_letter, ingest_inbound, parse_ack, record_promotion_ack
 from ingest.settings import Settings
@@ -477,16 +477,16 @@ class IngestWorker:
             self._host, self._port, keepalive=30, clean_start=False, properties=self._connect_properties()
         )
         self.client.loop_start()
-        # Start-up objects (modules, table metadata, settings) live as long as the worker; frozen,
-        # the full collections that each batch's thousands of new events set off no longer walk them.
-        gc.collect()
-        gc.freeze()
+        # Start-up objects live as long as the worker: frozen, collections no longer walk them; and
+        # each batch's short-lived events come and go between young collections (ingest/gc_tuning.py).
+        freeze_startup_objects()
         try:
-            while not self.stopping.is_set():
-                batch = self._collect()
-                if batch:
-                    self._write_with_retry(batch)
-                self._log_stats()
+            with batch_gc_thresholds():
+                while not self.stopping.is_set():
+                    batch = self._collect()
+                    if batch:
+                        self._write_with_retry(batch)
+                    self._log_stats()
         finally:
             self._log_stats(force=True)
             self.client.disconnect()

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from adapters.sources.base import AdapterContext, Conversion, ImportReport, SourceAdapter, get_adapter
 from ingest.db import session_scope
+from ingest.gc_tuning import batch_gc_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +137,19 @@ class LocalDestination:
         results: list[tuple[str | None, str, str | None]] = []
         counts: Counter[str] = Counter()
         chunks = list(_chunks(events, self.chunk_size)) or [[]]
-        for index, chunk in enumerate(chunks):
-            with session_scope(self.engine) as session:
-                stored = ingest_payloads(chunk, session=session, source=self.source) if chunk else []
-                if after is not None and index == len(chunks) - 1:
-                    after(session)
-            for result in stored:
-                results.append((result.event_id, result.status, result.error))
-                counts[result.status] += 1
-            if progress is not None:
-                progress(len(chunk), counts)
+        # Each chunk's validated events and rows are short-lived: with the batch thresholds they
+        # come and go between young collections instead of being walked by dozens of them.
+        with batch_gc_thresholds():
+            for index, chunk in enumerate(chunks):
+                with session_scope(self.engine) as session:
+                    stored = ingest_payloads(chunk, session=session, source=self.source) if chunk else []
+                    if after is not None and index == len(chunks) - 1:
+                        after(session)
+                for result in stored:
+                    results.append((result.event_id, result.status, result.error))
+                    counts[result.status] += 1
+                if progress is not None:
+                    progress(len(chunk), counts)
         return results
 
 
