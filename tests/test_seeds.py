@@ -67,6 +67,7 @@ def test_demo_chain_imports_cleanly_and_reimport_updates(engine: Engine) -> None
     assert {kind: inserted for kind, (_, inserted, _) in first.items()} == {
         "regions": 3, "stores": 12, "terminals": 29, "sensors": 17, "skus": 43, "staff": 52, "members": 200,
         "safety_stock": 48,  # 43 chain-wide rows and 5 of S001's own
+        "source_mappings": 6,  # the stores of the public POSLog samples onto demo stores
     }  # fmt: skip
     counts = table_counts(engine)
 
