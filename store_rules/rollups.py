@@ -419,7 +419,8 @@ def store_day_values(
             )
         )
     }
-    stale = {key for key in dirty if key[1] in set(days)} | {(s, d) for s in ids for d in days if (s, d) not in out}
+    wanted = set(days)
+    stale = {key for key in dirty if key[1] in wanted} | {(s, d) for s in ids for d in days if (s, d) not in out}
     if stale:
         stale_ids = {store_id for store_id, _ in stale}
         fresh_stores = [s for s in stores if s.store_id in stale_ids]
