@@ -9,13 +9,14 @@ whole, each problem as ``file:line: field: reason``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ingest.yaml_source import compose_yaml, line_of
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "seeds" / "import_profiles"
 
@@ -163,24 +164,6 @@ class SalesProfile(_Strict):
         return tuple(name for name in self.columns.mapped() if name not in optional)
 
 
-def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
-    """The 1-based line of the YAML node at a pydantic error location (its parent's when absent)."""
-    node = root
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((key, value) for key, value in node.value if getattr(key, "value", None) == part), None)
-            if pair is None:
-                break
-            line, node = pair[0].start_mark.line + 1, pair[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def _problems(exc: ValidationError, root: yaml.Node | None, source: str) -> str:
     problems = []
     for error in exc.errors(include_url=False):
@@ -196,20 +179,14 @@ def _problems(exc: ValidationError, root: yaml.Node | None, source: str) -> str:
             loc = [*loc, *match.group(1).split(".")]
             message = match.group(2)
         where = ".".join(str(part) for part in loc) or "profile"
-        line = _line_of(root, loc)
+        line = line_of(root, loc)
         problems.append(f"{source}:{line}: {where}: {message}" if line else f"{source}: {where}: {message}")
     return "; ".join(problems)
 
 
 def parse_profile(text: str, source: str = "<profile>", *, default_name: str | None = None) -> SalesProfile:
     """A profile from YAML text; `source` names the file in errors."""
-    try:
-        content = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise ProfileError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    content, root = compose_yaml(text, source, ProfileError)
     if not isinstance(content, dict):
         raise ProfileError(f"{source}:1: profile: expected a mapping of profile keys (file, columns, ...)")
     if default_name is not None:

@@ -10,7 +10,7 @@ the line and the reason, and a load with any bad file stores nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ingest import audit
+from ingest.yaml_source import compose_yaml, line_of
 from store_rules.definitions import Text, store_version
 from store_rules.models import ConfigVersion
 
@@ -249,25 +250,6 @@ class ChannelSet(Strict):
 # --- parsing with line numbers ------------------------------------------------------------
 
 
-def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
-    """The 1-based line of the YAML node at a pydantic error location (its parent when absent)."""
-    node = root
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((key, value) for key, value in node.value if getattr(key, "value", None) == part), None)
-            if pair is None:
-                break
-            # The key's line: for a nested block that is the line naming it ("params:").
-            line, node = pair[0].start_mark.line + 1, pair[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def validation_problems(exc: ValidationError, root: yaml.Node | None, source: str, tagged: bool) -> str:
     lines = []
     for error in exc.errors(include_url=False):
@@ -277,7 +259,7 @@ def validation_problems(exc: ValidationError, root: yaml.Node | None, source: st
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = ["type"]
         where = ".".join(str(p) for p in loc) or "file"
-        line = _line_of(root, loc)
+        line = line_of(root, loc)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "union_tag_invalid":
             message = f"unknown rule type; expected one of {', '.join(_RULE_TYPES)}"
@@ -290,21 +272,12 @@ def validation_problems(exc: ValidationError, root: yaml.Node | None, source: st
 _RULE_TYPES = ("threshold_streak", "change", "silence", "stock_watch", "expiry_watch", "stockout_forecast")
 
 
-def compose_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    try:
-        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise RuleDefinitionError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-
-
 M = TypeVar("M")
 
 
 def parse_yaml_mapping(text: str, source: str, validate: Callable[[Any], M], what: str, *, tagged: bool = False) -> M:
     """One YAML mapping validated into a model; any problem names the file, line, field and reason."""
-    content, root = compose_yaml(text, source)
+    content, root = compose_yaml(text, source, RuleDefinitionError)
     if not isinstance(content, dict):
         raise RuleDefinitionError(f"{source}:1: file: expected a mapping with the {what}'s fields")
     try:
@@ -318,7 +291,7 @@ def parse_rule(text: str, source: str = "<text>") -> AnyRule:
 
 
 def parse_channels(text: str, source: str = "<text>") -> ChannelSet:
-    content, root = compose_yaml(text, source)
+    content, root = compose_yaml(text, source, RuleDefinitionError)
     try:
         return ChannelSet.model_validate(content or {})
     except ValidationError as exc:
