@@ -113,3 +113,57 @@ def stock(n: int) -> dict[str, Any]:
             {"lot": "B2410", "qty": 8, "expires_on": "2027-03-31"},
         ],
     }
+
+
+def _receipt_head(receipt_id: str, at: datetime, kind: str) -> dict[str, Any]:
+    return {
+        "type": "receipt",
+        "event_id": f"S001-{receipt_id}",
+        "store_id": "S001",
+        "terminal_id": "T1",
+        "receipt_id": receipt_id,
+        "occurred_at": at.isoformat(),
+        "kind": kind,
+    }
+
+
+def till_receipt(receipt_id: str = "B1", at: datetime = BASE_TIME, **fields: Any) -> dict[str, Any]:
+    """A sale priced without tax, as the spec's example: two discounted lines, a member discount and a
+    points reward, 6 % tax on top, paid cash with change and rounded down to the 10 fen."""
+    return {
+        **_receipt_head(receipt_id, at, "sale"),
+        "staff_id": "E0101",
+        "lines": [
+            {"line_no": 1, "sku": "6901234567890", "qty": "2", "unit_price": "10.00", "amount": "20.00",
+             "discount": "2.00"},
+            {"line_no": 2, "sku": "6909876543210", "qty": "1", "unit_price": "5.50", "amount": "5.50",
+             "discount": "0.50"},
+        ],
+        "discounts": [
+            {"kind": "discount", "amount": "1.00", "reason": "member day", "id": "D7"},
+            {"kind": "reward", "amount": "0.50", "reason": "points"},
+        ],
+        "tax": "1.29",
+        "prices_include_tax": False,
+        "tenders": [{"type": "cash", "amount": "50.00"}, {"type": "cash", "amount": "-27.30"}],
+        "rounding": "-0.09",
+        "source": {"name": "poslog:ncr_acs", "store": "9", "workstation": "3", "sequence": "1234"},
+        # net 25.50 - 2.50 - 1.50 = 21.50; + tax 1.29 (prices exclude it) - rounding 0.09
+        "total": "22.70",
+        **fields,
+    }  # fmt: skip
+
+
+def discounted_return(receipt_id: str = "R9", at: datetime = BASE_TIME) -> dict[str, Any]:
+    """A return of a discounted line and its share of a receipt discount: every figure negative."""
+    return {
+        **_receipt_head(receipt_id, at, "return"),
+        "lines": [
+            {"line_no": 1, "sku": "6901234567890", "qty": "-1", "unit_price": "20.00", "amount": "-20.00",
+             "discount": "-2.00"}
+        ],
+        "discounts": [{"kind": "coupon", "amount": "-1.00"}],
+        "tax": "-0.96",
+        "tenders": [{"type": "refund", "amount": "-17.00"}],
+        "total": "-17.00",
+    }  # fmt: skip

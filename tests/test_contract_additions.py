@@ -22,6 +22,7 @@ from ingest.service import ingest_payloads
 from ingest.settings import get_settings
 from store_rules import rollups
 from store_rules.metrics import average_ticket
+from tests.factories import discounted_return, till_receipt
 from tests.test_metrics import PLAIN, SHANGHAI, ingest, local, sale
 
 DAY = datetime(2019, 6, 12).date()
@@ -29,62 +30,10 @@ SKU_A = "6901234567890"
 SKU_B = "6909876543210"
 
 
-def till_receipt(receipt_id: str, at: datetime, **fields: Any) -> dict[str, Any]:
-    """A sale priced without tax: two discounted lines, a member discount and a points reward,
-    6 % tax on top, paid cash with change and rounded down to the 10 fen."""
-    payload: dict[str, Any] = {
-        "type": "receipt",
-        "event_id": f"S001-{receipt_id}",
-        "store_id": "S001",
-        "terminal_id": "T1",
-        "receipt_id": receipt_id,
-        "occurred_at": at.isoformat(),
-        "kind": "sale",
-        "staff_id": "E0101",
-        "lines": [
-            {"line_no": 1, "sku": SKU_A, "qty": "2", "unit_price": "10.00", "amount": "20.00", "discount": "2.00"},
-            {"line_no": 2, "sku": SKU_B, "qty": "1", "unit_price": "5.50", "amount": "5.50", "discount": "0.50"},
-        ],
-        "discounts": [
-            {"kind": "discount", "amount": "1.00", "reason": "member day", "id": "D7"},
-            {"kind": "reward", "amount": "0.50", "reason": "points"},
-        ],
-        "tax": "1.29",
-        "prices_include_tax": False,
-        "tenders": [{"type": "cash", "amount": "50.00"}, {"type": "cash", "amount": "-27.30"}],
-        "rounding": "-0.09",
-        "source": {"name": "poslog:ncr_acs", "store": "9", "workstation": "3", "sequence": "1234"},
-        # net 25.50 - 2.50 - 1.50 = 21.50; + tax 1.29 (prices exclude it) - rounding 0.09
-        "total": "22.70",
-    }
-    payload.update(fields)
-    return payload
-
-
 def tax_inclusive_sale(receipt_id: str, at: datetime) -> dict[str, Any]:
     """A Chinese till's sale: prices hold their tax (the chain default, not said), 20.00 of which 1.15 tax."""
     payload = sale(receipt_id, at, skus=(SKU_A,), amount="20.00")
     return {**payload, "tax": "1.15", "tenders": [{"type": "wechat", "amount": "20.00"}]}
-
-
-def discounted_return(receipt_id: str, at: datetime) -> dict[str, Any]:
-    """A return of a discounted line and its share of a receipt discount: every figure negative."""
-    return {
-        "type": "receipt",
-        "event_id": f"S001-{receipt_id}",
-        "store_id": "S001",
-        "terminal_id": "T1",
-        "receipt_id": receipt_id,
-        "occurred_at": at.isoformat(),
-        "kind": "return",
-        "lines": [
-            {"line_no": 1, "sku": SKU_A, "qty": "-1", "unit_price": "20.00", "amount": "-20.00", "discount": "-2.00"}
-        ],
-        "discounts": [{"kind": "coupon", "amount": "-1.00"}],
-        "tax": "-0.96",
-        "tenders": [{"type": "refund", "amount": "-17.00"}],
-        "total": "-17.00",
-    }
 
 
 @pytest.fixture

@@ -58,43 +58,11 @@ def assert_same(payload: Any, *, prices_include_tax: bool | None = None) -> Any:
 
 
 def till_receipt(**fields: Any) -> dict[str, Any]:
-    """A sale priced without tax: line discounts, a receipt discount and reward, tax on top, cash with change,
-    rounding and the source's own ids (the spec's example shape)."""
-    payload: dict[str, Any] = {
-        "type": "receipt", "event_id": "S001-B1", "store_id": "S001", "terminal_id": "T1", "receipt_id": "B1",
-        "occurred_at": AT.isoformat(), "kind": "sale", "staff_id": "E0101",
-        "lines": [
-            {"line_no": 1, "sku": "6901234567890", "qty": "2", "unit_price": "10.00", "amount": "20.00",
-             "discount": "2.00"},
-            {"line_no": 2, "sku": "6909876543210", "qty": "1", "unit_price": "5.50", "amount": "5.50",
-             "discount": "0.50"},
-        ],
-        "discounts": [
-            {"kind": "discount", "amount": "1.00", "reason": "member day", "id": "D7"},
-            {"kind": "reward", "amount": "0.50", "reason": "points"},
-        ],
-        "tax": "1.29",
-        "prices_include_tax": False,
-        "tenders": [{"type": "cash", "amount": "50.00"}, {"type": "cash", "amount": "-27.30"}],
-        "rounding": "-0.09",
-        "source": {"name": "poslog:ncr_acs", "store": "9", "workstation": "3", "sequence": "1234"},
-        "total": "22.70",
-    }  # fmt: skip
-    payload.update(fields)
-    return payload
+    return f.till_receipt("B1", AT, **fields)
 
 
 def discounted_return() -> dict[str, Any]:
-    return {
-        "type": "receipt", "event_id": "S001-R9", "store_id": "S001", "terminal_id": "T1", "receipt_id": "R9",
-        "occurred_at": AT.isoformat(), "kind": "return",
-        "lines": [{"line_no": 1, "sku": "6901234567890", "qty": "-1", "unit_price": "20.00", "amount": "-20.00",
-                   "discount": "-2.00"}],
-        "discounts": [{"kind": "coupon", "amount": "-1.00"}],
-        "tax": "-0.96",
-        "tenders": [{"type": "refund", "amount": "-17.00"}],
-        "total": "-17.00",
-    }  # fmt: skip
+    return f.discounted_return("R9", AT)
 
 
 VALID: list[dict[str, Any]] = [
