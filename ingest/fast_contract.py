@@ -210,6 +210,25 @@ def _event_extra(payload: dict[str, Any], fields: frozenset[str], data: Any = No
     return extra
 
 
+def _nested(cls: type[BaseModel], values: dict[str, Any], item: dict[str, Any], fields: frozenset[str]) -> Any:
+    """The nested model of checked values, its unknown keys kept; None if one of those keys is odd."""
+    extra = _extra(item, fields)
+    return None if extra is None else _model(cls, values, set(item), extra)
+
+
+def _items(raw: Any, parse: Callable[[Any, bool], Any], is_return: bool) -> list[Any] | None:
+    """A list of at most 1000 nested objects, each accepted by `parse`; None if any is not."""
+    if type(raw) is not list or len(raw) > 1000:
+        return None
+    items = []
+    for raw_item in raw:
+        item = parse(raw_item, is_return)
+        if item is None:
+            return None
+        items.append(item)
+    return items
+
+
 def _line(item: Any, is_return: bool) -> ReceiptLine | None:
     # The hottest loop of the worker: the common case is inlined (cache hits, no unknown keys).
     if type(item) is not dict:
@@ -276,7 +295,7 @@ def _line(item: Any, is_return: bool) -> ReceiptLine | None:
     return instance
 
 
-def _receipt_discount(item: Any) -> ReceiptDiscount | None:
+def _receipt_discount(item: Any, is_return: bool) -> ReceiptDiscount | None:
     if type(item) is not dict:
         return None
     kind = item.get("kind")
@@ -287,28 +306,23 @@ def _receipt_discount(item: Any) -> ReceiptDiscount | None:
         type(kind) is not str
         or kind not in ("discount", "reward", "coupon")
         or amount is None
+        or ((amount > 0) if is_return else (amount < 0))
         or (reason is not None and not _is_short_text(reason, 200))
         or (discount_id is not None and not _is_id(discount_id))
     ):
         return None
-    extra = _extra(item, _DISCOUNT_FIELDS)
-    if extra is None:
-        return None
     values = {"kind": kind, "amount": amount, "reason": reason, "id": discount_id}
-    return _model(ReceiptDiscount, values, set(item), extra)
+    return _nested(ReceiptDiscount, values, item, _DISCOUNT_FIELDS)
 
 
-def _tender(item: Any) -> Tender | None:
+def _tender(item: Any, _is_return: bool) -> Tender | None:
     if type(item) is not dict:
         return None
     tender_type = item.get("type")
     amount = _amount(item.get("amount"))
     if not _is_id(tender_type) or amount is None:
         return None
-    extra = _extra(item, _TENDER_FIELDS)
-    if extra is None:
-        return None
-    return _model(Tender, {"type": tender_type, "amount": amount}, set(item), extra)
+    return _nested(Tender, {"type": tender_type, "amount": amount}, item, _TENDER_FIELDS)
 
 
 def _source(item: Any) -> ReceiptSource | None:
@@ -370,21 +384,14 @@ def _receipt(payload: dict[str, Any], now: datetime, chain_prices_include_tax: b
     if len(line_numbers) != len(lines):
         return None
 
-    receipt_discounts: list[ReceiptDiscount] = []
+    receipt_discounts: list[ReceiptDiscount] | None = []
     receipt_discount_sum = _ZERO
     if "discounts" in payload:
-        raw_discounts = payload["discounts"]
-        if type(raw_discounts) is not list or len(raw_discounts) > 1000:
+        receipt_discounts = _items(payload["discounts"], _receipt_discount, is_return)
+        if receipt_discounts is None:
             return None
-        for raw_discount in raw_discounts:
-            discount = _receipt_discount(raw_discount)
-            if discount is None:
-                return None
-            amount = discount.__dict__["amount"]
-            if (amount > 0) if is_return else (amount < 0):
-                return None
-            receipt_discount_sum += amount
-            receipt_discounts.append(discount)
+        for discount in receipt_discounts:
+            receipt_discount_sum += discount.__dict__["amount"]
     tax = get("tax")
     if tax is not None:
         tax = _amount(tax)
@@ -393,17 +400,11 @@ def _receipt(payload: dict[str, Any], now: datetime, chain_prices_include_tax: b
     prices_include_tax = get("prices_include_tax")
     if prices_include_tax is not None and type(prices_include_tax) is not bool:
         return None
-    tenders: list[Tender] | None = None
-    raw_tenders = get("tenders")
-    if raw_tenders is not None:
-        if type(raw_tenders) is not list or len(raw_tenders) > 1000:
+    tenders = get("tenders")
+    if tenders is not None:
+        tenders = _items(tenders, _tender, is_return)
+        if tenders is None:
             return None
-        tenders = []
-        for raw_tender in raw_tenders:
-            tender = _tender(raw_tender)
-            if tender is None:
-                return None
-            tenders.append(tender)
     if "rounding" in payload:
         rounding = _amount(payload["rounding"])
         if rounding is None:
@@ -514,10 +515,7 @@ def _customer(item: Any) -> Customer | None:
         name is not None and not _is_short_text(name, 100, nul_allowed=True)
     ):
         return None
-    extra = _extra(item, _CUSTOMER_FIELDS)
-    if extra is None:
-        return None
-    return _model(Customer, {"member_id": member_id, "name": name}, set(item), extra)
+    return _nested(Customer, {"member_id": member_id, "name": name}, item, _CUSTOMER_FIELDS)
 
 
 def _is_text_list(value: Any) -> bool:
