@@ -12,14 +12,20 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from sqlalchemy import Engine, text
+
+from ingest.contract import Event
+from ingest.db import session_scope
+from ingest.writers.base import flatten
+from ingest.writers.postgres import copy_rows_raw
 
 # The test fixtures are reused as they are; imported dynamically so that `mypy bench` checks the
 # benchmarks without type-checking the test suite as well.
@@ -86,6 +92,24 @@ def bench_receipt(
 
 def batched(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def timed_raw_copy(engine: Engine, events: Sequence[Event], raws: Sequence[dict[str, Any]], batch: int) -> float:
+    """Seconds of a plain binary COPY of the writer's receipt rows (no staging, no idempotency): the ceiling.
+
+    Flattening happens before the clock starts.
+    """
+    received_at = datetime.now(UTC)
+    prepared = []
+    for batch_events, batch_raws in zip(batched(events, batch), batched(raws, batch), strict=True):
+        rows = flatten(batch_events, batch_raws, received_at)
+        prepared.append((rows.headers.get("receipts", []), rows.children.get("receipt_lines", [])))
+    started = time.perf_counter()
+    for headers, lines in prepared:
+        with session_scope(engine) as session:
+            copy_rows_raw(session, "receipts", headers)
+            copy_rows_raw(session, "receipt_lines", lines)
+    return time.perf_counter() - started
 
 
 def _first_line(command: list[str]) -> str:

@@ -7,8 +7,8 @@ The 51 transactions of ../shared/data/poslog/ncr_acs/POSLog.xml (42 retail, 544 
 copied with distinct keys: copy k moves the business day and every timestamp k days after
 2017-10-01 (the natural key is store, workstation, business day, sequence, operator), so 1 M
 lines span about five years of history, as a chain's back-fill would. The copies are written as
-POSLog files of ~50,000 lines each. The card signatures (inline SVG in `acs:ElectronicSignature`,
-95 % of the sample's bytes and no sales data) are left out unless `--keep-signatures`. Per file:
+POSLog files of ~50,000 lines each, card signatures (inline SVG in `acs:ElectronicSignature`,
+about 11 KB of the sample's 916 KB) included, as a till writes them. Per file:
 
 - conversion: `get_adapter("poslog").convert(file)` (XML → contract events and the report);
 - import: the events stored as `storepulse import poslog` stores them, `LocalDestination.deliver`
@@ -31,24 +31,22 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
 
 from bench.common import (
-    batched,
     exit_cleanly_on_sigterm,
     machine_facts,
     print_facts,
     print_table,
     scratch_timescale,
+    timed_raw_copy,
 )
-from ingest.contract import Event, parse_event
-from ingest.db import get_engine, session_scope
-from ingest.writers.base import flatten
-from ingest.writers.postgres import copy_rows_raw
+from ingest.contract import parse_event
+from ingest.db import get_engine
 
 NCR_POSLOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "poslog" / "ncr_acs" / "POSLog.xml"
 SAMPLE_DAY = "2017-10-01"
@@ -100,18 +98,8 @@ def receipt_lines(events: Sequence[dict[str, Any]]) -> int:
 
 
 def raw_copy_seconds(engine: Engine, events: list[dict[str, Any]]) -> float:
-    received_at = datetime.now(UTC)
-    prepared = []
-    for chunk in batched([{**event, "event_id": f"raw:{event['event_id']}"} for event in events], CHUNK):
-        parsed: list[Event] = [parse_event(payload) for payload in chunk]
-        rows = flatten(parsed, chunk, received_at)
-        prepared.append((rows.headers.get("receipts", []), rows.children.get("receipt_lines", [])))
-    started = time.perf_counter()
-    for headers, lines in prepared:
-        with session_scope(engine) as session:
-            copy_rows_raw(session, "receipts", headers)
-            copy_rows_raw(session, "receipt_lines", lines)
-    return time.perf_counter() - started
+    raws = [{**event, "event_id": f"raw:{event['event_id']}"} for event in events]
+    return timed_raw_copy(engine, [parse_event(payload) for payload in raws], raws, CHUNK)
 
 
 def import_seconds(engine: Engine, events: list[dict[str, Any]]) -> float:

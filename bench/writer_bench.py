@@ -24,7 +24,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,11 @@ from bench.common import (
     print_facts,
     print_table,
     scratch_timescale,
+    timed_raw_copy,
 )
 from ingest.contract import Event, parse_event
 from ingest.db import get_engine, session_scope
 from ingest.writers import get_writer
-from ingest.writers.base import flatten
-from ingest.writers.postgres import copy_rows_raw
 
 WRITER_TARGET = 50_000
 RATIO_TARGET = 0.6
@@ -91,21 +89,6 @@ def run_validated(engine: Engine, raws: list[dict[str, Any]], batch: int) -> flo
     if accepted != len(raws):
         raise RuntimeError(f"writer accepted {accepted} of {len(raws)} fresh events")
     return elapsed
-
-
-def run_raw_copy(engine: Engine, events: list[Event], raws: list[dict[str, Any]], batch: int) -> float:
-    """Plain COPY of the writer's rows; flattening happens before the clock starts."""
-    received_at = datetime.now(UTC)
-    prepared = []
-    for batch_events, batch_raws in zip(batched(events, batch), batched(raws, batch), strict=True):
-        rows = flatten(batch_events, batch_raws, received_at)
-        prepared.append((rows.headers["receipts"], rows.children["receipt_lines"]))
-    started = time.perf_counter()
-    for headers, lines in prepared:
-        with session_scope(engine) as session:
-            copy_rows_raw(session, "receipts", headers)
-            copy_rows_raw(session, "receipt_lines", lines)
-    return time.perf_counter() - started
 
 
 def profiled(label: str, enabled: bool, run: Callable[[], float]) -> float:
@@ -219,7 +202,7 @@ def bench(engine: Engine, args: argparse.Namespace) -> int:
         if postgres:
             raw_raws = payloads(f"c{round_no}", args.receipts)
             raw_events, _ = validate(raw_raws)
-            runs["raw"] = partial(run_raw_copy, engine, raw_events, raw_raws, args.batch)
+            runs["raw"] = partial(timed_raw_copy, engine, raw_events, raw_raws, args.batch)
         val_raws = payloads(f"v{round_no}", args.receipts)
         runs["validated"] = partial(profiled, "validated", first, partial(run_validated, engine, val_raws, args.batch))
         # Rotate the order so that no measure always runs on the larger tables or right after a checkpoint.
