@@ -220,7 +220,7 @@ class _StoreDay:
     checks: list[Consultation] = field(default_factory=list)  # first insurance_check on this day
 
 
-def _money(value: Any) -> Decimal:
+def money(value: Any) -> Decimal:
     # SQLite hands numbers back through floats: go through str() so 0.1 + 0.2 stays 0.30.
     return ZERO if value is None else Decimal(str(value)).quantize(CENT)
 
@@ -306,7 +306,7 @@ def _load(
                         _Sale(
                             occurred_at=occurred_at,
                             kind=kind,
-                            sales=_money(sales),
+                            sales=money(sales),
                             consultation=consultations.get((store_id, consultation_id)) if consultation_id else None,
                             flow_controlled=(event_id, occurred_at) in controlled_receipts,
                         )

@@ -43,14 +43,13 @@ from ingest.models import (
     Store,
 )
 from ingest.timeseries import business_window
-from store_rules.metrics import REACH, Ratio, store_days
+from store_rules.metrics import REACH, Ratio, money, store_days
 from store_rules.sales import event_sales, line_net_sql, receipt_sales_sql
 
 log = logging.getLogger(__name__)
 RATIOS = ("conversion_rate", "step_completeness", "symptom_completeness", "insurance_pass_rate", "traceability")
 BATCH = 200  # store-days recomputed per transaction by `refresh`
 HOUR_COUNTERS = ("sales", "transactions", "returns", "visitors")
-CENT = Decimal("0.01")
 
 
 @dataclass
@@ -194,7 +193,7 @@ def compute(session: Session, stores: Sequence[Store], days: Sequence[date]) -> 
                 .group_by(Receipt.store_id)
             ):  # fmt: skip
                 values = out[(store_id, day)]
-                values.sales = Decimal(str(total or 0)).quantize(Decimal("0.01"))
+                values.sales = money(total)
                 values.transactions, values.returns = int(sales or 0), int(returns or 0)
             for store_id, visitors in session.execute(
                 select(Footfall.store_id, func.sum(Footfall.count_in))
@@ -248,7 +247,7 @@ def _rewrite_hours(session: Session, stores: Sequence[Store], day: date) -> None
         )
         for store_id, at, kind, sales in session.execute(receipts):
             row = hours.setdefault((store_id, _hour(at)), _empty_hour(store_id, _hour(at)))
-            row["sales"] += Decimal(str(sales)).quantize(CENT)
+            row["sales"] += money(sales)
             row["transactions" if kind == "sale" else "returns"] += 1
         footfall = select(Footfall.store_id, Footfall.occurred_at, Footfall.count_in).where(
             Footfall.store_id.in_(ids), Footfall.occurred_at >= start, Footfall.occurred_at < end
@@ -393,7 +392,7 @@ def _rolled_up(session: Session, ids: Sequence[str], days: Sequence[date]) -> di
     for store_id, day, sales, transactions, returns, visitors, revised_at, *ratio_values in rows:
         if day in wanted:
             out[(store_id, day)] = DayValues(
-                sales=Decimal(str(sales)).quantize(Decimal("0.01")), transactions=transactions, returns=returns,
+                sales=money(sales), transactions=transactions, returns=returns,
                 visitors=visitors, revised_at=revised_at,
                 ratios={n: Ratio(ratio_values[2 * i], ratio_values[2 * i + 1]) for i, n in enumerate(RATIOS)},
             )  # fmt: skip
