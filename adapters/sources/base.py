@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
-MAX_ID = 64
+MAX_ID = 64  # the contract's longest id
+MAX_LINES = 1000  # the contract's limit per receipt
 CENT = Decimal("0.01")
 
 

@@ -37,13 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-from adapters.sources.base import AdapterContext, Conversion, ImportReport, cents, natural_id
+from adapters.sources.base import MAX_LINES, AdapterContext, Conversion, ImportReport, cents, natural_id
 from adapters.sources.importer import Destination, ImportFailed, ImportOutcome, Progress, deliver
 from ingest.db import normalise_url, session_scope
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "seeds" / "import_profiles"
 PROFILE_SUFFIX = ".db.yaml"
-MAX_LINES = 1000
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.sources.base import (
+    CENT,
+    MAX_LINES,
     AdapterContext,
     Conversion,
     ImportReport,
@@ -77,9 +79,7 @@ TENDER_TYPES = {
 }
 # (store, workstation, business day, sequence): what a TransactionLink names.
 LinkKey = tuple[str | None, str | None, str | None, str | None]
-MAX_LINES = 1000  # the contract's limit per receipt
 ZERO = Decimal(0)
-CENT = Decimal("0.01")
 QTY_PLACES = Decimal("0.001")
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from adapters.sources.base import (
+    MAX_ID,
+    MAX_LINES,
     AdapterContext,
     Conversion,
     ImportReport,
@@ -44,8 +46,6 @@ from adapters.sources.base import (
 )
 from adapters.sources.sales_profiles import PROFILES_DIR, ProfileError, SalesProfile, load_profile
 
-MAX_LINES = 1000  # the contract's limit per receipt
-MAX_ID = 64
 ENCODINGS = ("auto", "utf-8", "utf-8-sig", "gb18030", "gbk")
 _XLSX_MAGIC = b"PK\x03\x04"
 _DATE = re.compile(
