@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from adapters.publish.base import PromotionPublisher, PublishError
 from ingest import audit
-from ingest.db import session_scope
+from ingest.db import is_postgres, session_scope
 from ingest.models import PromotionAck, ReceiptLine, Sku, Store, Terminal
 from store_rules.metrics import Ratio
 from store_rules.promotion_events import PromotionDecided, promotion_decided
@@ -208,7 +208,7 @@ def lock_store_set(*, session: Session, store_id: str) -> None:
     READ COMMITTED, see what the previous holder committed); SQLite transactions begin
     IMMEDIATE (ingest.db), so writers are serialised already.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"promotion_set:{store_id}"}
         )
