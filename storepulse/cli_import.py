@@ -57,7 +57,9 @@ def _engine() -> Engine:
     return get_engine(get_settings().effective_database_url)
 
 
-def _destination(to: str | None, token: str | None, source: str, dry_run: bool, chunk_size: int | None = None) -> Any:
+def _destination(
+    to: str | None, token: str | None, source: str, dry_run: bool, engine: Engine, chunk_size: int | None = None
+) -> Any:
     from adapters.sources.importer import ImportFailed, destination_for
 
     if dry_run:
@@ -67,7 +69,7 @@ def _destination(to: str | None, token: str | None, source: str, dry_run: bool, 
         return destination_for(
             to,
             token=token,
-            engine=None if to else _engine(),
+            engine=None if to else engine,
             source=source,
             topic_prefix=settings.mqtt_topic_prefix,
             **({"chunk_size": chunk_size} if chunk_size else {}),
@@ -76,13 +78,11 @@ def _destination(to: str | None, token: str | None, source: str, dry_run: bool, 
         _fail(str(exc))
 
 
-def _context(source: str, store_map: Path | None) -> Any:
+def _context(source: str, store_map: Path | None, engine: Engine) -> Any:
     from adapters.sources.importer import MappingFileError, context_from_database
 
     try:
-        return context_from_database(
-            _engine(), source=source, store_map=store_map, default_zone=get_settings().timezone
-        )
+        return context_from_database(engine, source=source, store_map=store_map, default_zone=get_settings().timezone)
     except MappingFileError as exc:
         _fail(str(exc))
 
@@ -134,7 +134,8 @@ def _import_files(
     from adapters.sources.base import ImportReport
     from adapters.sources.importer import ImportOutcome, deliver
 
-    context = _context(getattr(adapter, "source_name", adapter_name.split(":")[0]), store_map)
+    engine = _engine()  # one pool for the mappings and every file's delivery
+    context = _context(getattr(adapter, "source_name", adapter_name.split(":")[0]), store_map, engine)
     outcomes: list[ImportOutcome] = []
     for path in paths:
         try:
@@ -146,7 +147,7 @@ def _import_files(
             outcome = ImportOutcome(report, error=f"file not imported: {exc}", dry_run=dry_run)
         else:
             conversion.report.file = conversion.report.file or str(path)
-            destination = _destination(to, token, f"import:{adapter_name}:{path.name}"[:200], dry_run)
+            destination = _destination(to, token, f"import:{adapter_name}:{path.name}"[:200], dry_run, engine)
             with _progress(len(conversion.events), path.name) as advance:
                 try:
                     outcome = deliver(conversion, destination, progress=advance)
@@ -248,7 +249,7 @@ def import_db(
         _fail(str(exc))
         raise
     store = _engine()
-    destination = _destination(to, token, spec.source_name, dry_run, chunk_size=spec.batch_size)
+    destination = _destination(to, token, spec.source_name, dry_run, store, chunk_size=spec.batch_size)
 
     def show(result: PullResult) -> None:
         _echo_outcome(result.outcome)
@@ -256,7 +257,7 @@ def import_db(
 
     try:
         if once:
-            context = _context(spec.source_name, store_map)
+            context = _context(spec.source_name, store_map, store)
             with _progress(0, spec.name) as advance:
                 result = pull_once(spec, store=store, context=context, destination=destination, progress=advance)
             show(result)
@@ -266,7 +267,7 @@ def import_db(
         if destination is None:
             _fail("--dry-run needs --once (a dry run saves no watermark, so a loop would read the same rows again)")
         stop = _stop_on_signals()
-        status = pull_loop(spec, store=store, context_for=lambda: _context(spec.source_name, store_map),
+        status = pull_loop(spec, store=store, context_for=lambda: _context(spec.source_name, store_map, store),
                            destination=destination, stop=stop, on_pull=show, interval_s=interval)  # fmt: skip
     except ProfileError as exc:
         _fail(str(exc))
@@ -293,7 +294,8 @@ def import_watch(
     """Import files dropped into DIR once complete; move each to DIR/done/ or DIR/failed/ with its report."""
     from adapters.sources.drop_folder import DropFolder, FileResult
 
-    destination = _destination(to, token, f"import:watch:{adapter}"[:200], dry_run, chunk_size=chunk_size)
+    store = _engine()
+    destination = _destination(to, token, f"import:watch:{adapter}"[:200], dry_run, store, chunk_size=chunk_size)
 
     def show(result: FileResult) -> None:
         _echo_outcome(result.outcome)
@@ -304,8 +306,8 @@ def import_watch(
 
     try:
         folder = DropFolder(
-            directory, adapter_spec=adapter, store=_engine(), destination=destination,
-            context_for=lambda source: _context(source, store_map),
+            directory, adapter_spec=adapter, store=store, destination=destination,
+            context_for=lambda source: _context(source, store_map, store),
             settle_s=settle, poll_s=poll, on_file=show,
         )  # fmt: skip
     except (LookupError, TypeError, ValueError) as exc:
