@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final
+from zoneinfo import ZoneInfo
 
 ZH: Final = "zh-CN"
 EN: Final = "en"
@@ -58,7 +59,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     "live_hint": {ZH: "页面每 3 秒自动刷新", EN: "This page updates itself every 3 seconds"},
     "no_receipts": {ZH: "今日暂无小票", EN: "No receipts yet today"},
     "no_stores": {ZH: "尚无门店：请先导入主数据", EN: "No stores yet: import the master data first"},
-    "counter_flow": {ZH: "五步法", EN: "counter flow"},
+    "counter_flow": {ZH: "五步法", EN: "Counter flow"},
     "not_found": {ZH: "未找到", EN: "Not found"},
     "store_not_found": {ZH: "门店 {store_id} 不存在。", EN: "There is no store {store_id}."},
     "back_to_chain": {ZH: "返回连锁总览", EN: "Back to the chain overview"},
@@ -206,6 +207,30 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     "no_dead_letters": {ZH: "没有符合条件的死信。", EN: "No dead letter matches."},
     "received_at": {ZH: "接收时间", EN: "Received"},
+    "event_id": {ZH: "事件编号", EN: "Event ID"},
+    "step_consultation": {ZH: "问诊", EN: "Consultation"},
+    "step_symptoms": {ZH: "症状记录", EN: "Symptoms"},
+    "step_recommendation": {ZH: "推荐用药", EN: "Recommendation"},
+    "step_insurance_check": {ZH: "医保核验", EN: "Insurance check"},
+    "step_guidance": {ZH: "用药指导", EN: "Guidance"},
+    "step_status_done": {ZH: "已完成", EN: "done"},
+    "step_status_skipped": {ZH: "已跳过", EN: "skipped"},
+    "step_data_text": {ZH: "记录", EN: "Note"},
+    "step_data_keywords": {ZH: "关键词", EN: "Keywords"},
+    "step_data_skus": {ZH: "商品", EN: "Items"},
+    "step_data_result": {ZH: "结果", EN: "Result"},
+    "step_data_reason": {ZH: "原因", EN: "Reason"},
+    "step_result_pass": {ZH: "通过", EN: "pass"},
+    "step_result_fail": {ZH: "未通过", EN: "fail"},
+    "severity_low": {ZH: "低", EN: "low"},
+    "severity_medium": {ZH: "中", EN: "medium"},
+    "severity_high": {ZH: "高", EN: "high"},
+    "severity_critical": {ZH: "紧急", EN: "critical"},
+    "transition_raised": {ZH: "触发", EN: "raised"},
+    "transition_acknowledged": {ZH: "确认", EN: "acknowledged"},
+    "transition_resolved": {ZH: "关闭", EN: "resolved"},
+    "transition_escalated": {ZH: "升级", EN: "escalated"},
+    "actor_system": {ZH: "系统", EN: "system"},
     "replay": {ZH: "重放", EN: "Replay"},
     "replay_note": {ZH: "重放结果", EN: "Replay outcome"},
     "replay_now": {ZH: "立即重放", EN: "Replay now"},
@@ -383,6 +408,13 @@ class Translator:
 
     def time(self, value: dt.datetime, seconds: bool = True) -> str:
         return value.strftime("%H:%M:%S" if seconds else "%H:%M")
+
+    def local(self, value: dt.datetime | str, zone: str | ZoneInfo) -> dt.datetime:
+        """A stored instant (a datetime or an ISO string; naive means UTC, as SQLite returns it) in `zone`."""
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone))
 
     def hour_range(self, hour: int) -> str:
         return f"{hour:02d}:00–{(hour + 1) % 24:02d}:00"
